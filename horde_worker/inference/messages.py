@@ -1,0 +1,84 @@
+"""Typed messages between the supervisor and an inference process.
+
+Plain dataclasses (pickled over a multiprocessing pipe): neither side needs the other's
+imports, and the supervisor never imports torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class SlotSpec:
+    """What one inference process owns."""
+
+    slot: int
+    device: str  # "cuda:0", "cpu", "directml:0", ...
+    log_dir: str
+    max_resident_models: int = 1
+
+
+@dataclass(frozen=True)
+class GenerateRequest:
+    """One horde job (a batch of `len(seeds)` images of one request) for an inference process."""
+
+    job_id: str
+    model_name: str
+    model_path: str
+    baseline: str
+    prompt: str
+    negative_prompt: str
+    width: int
+    height: int
+    steps: int
+    cfg_scale: float
+    sampler_name: str
+    karras: bool
+    seeds: list[int]
+    clip_skip: int = 1
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Shutdown:
+    """Finish the current message and exit."""
+
+
+@dataclass(frozen=True)
+class SlotReady:
+    """The process started and owns its device."""
+
+    slot: int
+    pid: int
+    device_name: str
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Sampling progress of the running job."""
+
+    job_id: str
+    step: int
+    total: int
+
+
+@dataclass(frozen=True)
+class GenerateResult:
+    """Finished images as HxWxC uint8 arrays, one per seed, and where the time went."""
+
+    job_id: str
+    images: list[Any]
+    load_seconds: float
+    sample_seconds: float
+    resident_models: list[str]
+
+
+@dataclass(frozen=True)
+class GenerateFailed:
+    """The job could not be generated; `reason` is shown to the user and logged."""
+
+    job_id: str
+    reason: str
+    resident_models: list[str]

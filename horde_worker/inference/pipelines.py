@@ -1,0 +1,132 @@
+"""Loading Stable Diffusion pipelines offline and running a horde job through them.
+
+`txt2img` reads as the algorithm: build the sampler, encode the prompt, one generator per
+image seed, sample, return pixels. Everything the horde payload says is mapped here.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from horde_worker.inference import checkpoint
+from horde_worker.inference.messages import GenerateRequest
+from horde_worker.inference.samplers import make_scheduler, scheduler_config
+
+TOKENIZER_DIR = Path(__file__).parent / "assets" / "clip_tokenizer"
+
+
+def clip_tokenizer():
+    """CLIP's BPE tokenizer from the files shipped in the package (SD1's padding token)."""
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer(
+        str(TOKENIZER_DIR / "vocab.json"),
+        str(TOKENIZER_DIR / "merges.txt"),
+        model_max_length=77,
+        pad_token="<|endoftext|>",
+    )
+
+
+@dataclass
+class LoadedModel:
+    """A pipeline resident on the slot's device."""
+
+    name: str
+    baseline: str
+    pipeline: Any
+    load_seconds: float
+
+
+def load_pipeline(path: Path, device: torch.device, dtype: torch.dtype, name: str = "") -> LoadedModel:
+    """Load a single-file checkpoint or a diffusers folder onto `device` without contacting any hub."""
+    from diffusers import StableDiffusionPipeline
+
+    start = time.perf_counter()
+    path = Path(path)
+    if path.is_dir():
+        if not (path / "model_index.json").exists():
+            raise checkpoint.CheckpointError(f"{path} is a folder without model_index.json: not a diffusers model")
+        extra = {}
+        if not (path / "tokenizer").exists():
+            extra["tokenizer"] = clip_tokenizer()
+        pipe = StableDiffusionPipeline.from_pretrained(
+            str(path), local_files_only=True, safety_checker=None, requires_safety_checker=False, **extra
+        )
+        baseline = "stable_diffusion_1"
+    else:
+        state_dict = checkpoint.load_state_dict(path)
+        info = checkpoint.inspect_checkpoint(state_dict)
+        if info.baseline != "stable_diffusion_1":
+            raise checkpoint.CheckpointError(
+                f"{path.name} is a {info.baseline} checkpoint; this worker loads stable_diffusion_1 ones"
+            )
+        unet = checkpoint.build_unet(state_dict, info)
+        vae = checkpoint.build_vae(state_dict, info)
+        text_encoder = checkpoint.build_clip_text_encoder(state_dict)
+        del state_dict
+        from diffusers import EulerDiscreteScheduler
+
+        pipe = StableDiffusionPipeline(
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=clip_tokenizer(),
+            unet=unet,
+            scheduler=EulerDiscreteScheduler.from_config(scheduler_config(info.baseline)),
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+        baseline = info.baseline
+    pipe = pipe.to(device=device, dtype=dtype)
+    pipe.set_progress_bar_config(disable=True)
+    return LoadedModel(name=name or path.stem, baseline=baseline, pipeline=pipe,
+                       load_seconds=time.perf_counter() - start)
+
+
+def split_prompt(prompt: str) -> tuple[str, str]:
+    """Split a horde prompt into (positive, negative) at the first `###`."""
+    positive, sep, negative = prompt.partition("###")
+    return positive.strip(), negative.replace("###", " ").strip() if sep else ""
+
+
+def txt2img(
+    model: LoadedModel,
+    request: GenerateRequest,
+    on_step: Callable[[int, int], None] | None = None,
+) -> list[np.ndarray]:
+    """Generate `len(request.seeds)` images; image i depends only on seed i, so any one of them is
+    regenerated exactly by a job with that seed alone."""
+    pipe = model.pipeline
+    base = dict(pipe.scheduler.config)
+    pipe.scheduler = make_scheduler(request.sampler_name, request.karras, base)
+
+    count = len(request.seeds)
+    # CPU generators make a seed give the same noise on every device.
+    generators = [torch.Generator("cpu").manual_seed(int(seed)) for seed in request.seeds]
+
+    def step_end(_pipe, step: int, _timestep, tensors: dict) -> dict:
+        if on_step is not None:
+            on_step(step + 1, request.steps)
+        return tensors
+
+    output = pipe(
+        prompt=[request.prompt] * count,
+        negative_prompt=[request.negative_prompt] * count if request.negative_prompt else None,
+        width=request.width,
+        height=request.height,
+        num_inference_steps=request.steps,
+        guidance_scale=request.cfg_scale,
+        generator=generators,
+        clip_skip=request.clip_skip - 1 if request.clip_skip > 1 else None,
+        output_type="np",
+        callback_on_step_end=step_end,
+    )
+    images = np.clip(np.rint(output.images * 255.0), 0, 255).astype(np.uint8)
+    return [images[i] for i in range(count)]

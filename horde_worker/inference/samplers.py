@@ -1,0 +1,62 @@
+"""Horde sampler names mapped to diffusers schedulers.
+
+Each entry is the sampler the name denotes, never a stand-in: a name without a faithful
+implementation here is refused with a clear error instead of being silently replaced.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ASSETS = Path(__file__).parent / "assets" / "schedulers"
+
+
+class UnsupportedSampler(ValueError):
+    """The job asked for a sampler this worker does not implement."""
+
+
+@dataclass(frozen=True)
+class SamplerSpec:
+    """How one horde sampler name is built from diffusers."""
+
+    scheduler_class: str
+    options: dict[str, Any] = field(default_factory=dict)
+    supports_karras: bool = True
+    second_order: bool = False
+
+
+SAMPLERS: dict[str, SamplerSpec] = {
+    "k_euler": SamplerSpec("EulerDiscreteScheduler"),
+    "k_euler_a": SamplerSpec("EulerAncestralDiscreteScheduler", supports_karras=False),
+    "k_lms": SamplerSpec("LMSDiscreteScheduler"),
+    "k_heun": SamplerSpec("HeunDiscreteScheduler", second_order=True),
+    "k_dpm_2": SamplerSpec("KDPM2DiscreteScheduler", second_order=True),
+    "k_dpm_2_a": SamplerSpec("KDPM2AncestralDiscreteScheduler", second_order=True),
+    "k_dpmpp_2m": SamplerSpec(
+        "DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}
+    ),
+    "DDIM": SamplerSpec("DDIMScheduler", supports_karras=False),
+}
+
+
+def scheduler_config(baseline: str) -> dict[str, Any]:
+    """The training noise schedule of a baseline, shipped with the package."""
+    return json.loads((ASSETS / f"{baseline}.json").read_text())
+
+
+def make_scheduler(sampler_name: str, karras: bool, base_config: dict[str, Any]):
+    """Build the diffusers scheduler that implements `sampler_name` (with Karras sigmas if asked)."""
+    import diffusers
+
+    spec = SAMPLERS.get(sampler_name)
+    if spec is None:
+        raise UnsupportedSampler(f"sampler {sampler_name!r} is not implemented by this worker")
+    cls = getattr(diffusers, spec.scheduler_class)
+    config = dict(base_config)
+    config.update(spec.options)
+    if karras and spec.supports_karras:
+        config["use_karras_sigmas"] = True
+    return cls.from_config(config)

@@ -1,0 +1,80 @@
+"""Small random-weight models of the real architectures.
+
+They give the local demo horde something to serve and the tests something to load, with the
+same tensor layout and code path as the real checkpoints: only the widths are small. The VAE
+keeps four blocks (8x downsampling) so that a 512x512 image is a 64x64 latent, as in SD1.5.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+# The model name the local demo horde and its workers use for the tiny SD1.5-class model.
+DEMO_MODEL_NAME = "horde-worker-tiny-sd15"
+DEMO_MODEL_FILE = "horde-worker-tiny-sd15.safetensors"
+
+
+def tiny_sd15_components(seed: int = 0):
+    """Return (unet, vae, text_encoder) of SD1.5's architecture with tiny widths and random weights."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=64,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(32, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=64,
+        attention_head_dim=8,
+        norm_num_groups=32,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(32, 32, 32, 32),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=32,
+        sample_size=512,
+        scaling_factor=0.18215,
+    )
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=49408,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=1,
+            max_position_embeddings=77,
+            hidden_act="quick_gelu",
+        )
+    )
+    # Random init leaves the VAE's latent statistics far from SD's; scale the decoder input so that
+    # pictures have visible structure instead of saturating to flat colour.
+    with torch.no_grad():
+        vae.post_quant_conv.weight.mul_(4.0)
+    return unet.eval(), vae.eval(), text_encoder.eval()
+
+
+def write_tiny_sd15_checkpoint(path: Path, seed: int = 0) -> Path:
+    """Create (or re-create) the tiny SD1.5 single-file checkpoint at `path`."""
+    from horde_worker.inference.ldm_export import save_sd_checkpoint
+
+    unet, vae, text_encoder = tiny_sd15_components(seed)
+    return save_sd_checkpoint(Path(path), unet, vae, text_encoder)
+
+
+def ensure_demo_model(models_dir: Path) -> Path:
+    """The demo model's file under `models_dir`, created on first use."""
+    path = Path(models_dir) / "compvis" / DEMO_MODEL_FILE
+    if not path.exists():
+        write_tiny_sd15_checkpoint(path)
+    return path
