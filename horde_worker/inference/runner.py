@@ -108,6 +108,9 @@ def slot_main(conn, spec: SlotSpec) -> None:
         import torch
 
         torch.set_num_threads(max(1, int(os.environ.get("HORDE_WORKER_CPU_THREADS", os.cpu_count() or 1))))
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.set_verbosity_error()
     runner = ModelRunner(spec.device, spec.max_resident_models)
     conn.send(SlotReady(spec.slot, os.getpid(), runner.device_name()))
     logger.info("slot {} ready on {}", spec.slot, runner.device_name())

@@ -247,8 +247,9 @@ class HordeState:
                     continue
                 return self._hand_out(request, worker, min(amount, request.pending), body, models, base_url)
             if worker.maintenance:
+                why = worker.maintenance_msg or "too many aborted jobs"
                 raise LocalHordeError(403, "WorkerMaintenance",
-                                      f"Worker {worker.name} is in maintenance mode: {worker.maintenance_msg or 'too many aborted jobs'}."
+                                      f"Worker {worker.name} is in maintenance mode: {why}."
                                       " Clear it with PUT /v2/workers/{id} {\"maintenance\": false}.")
             return {"payload": dict(EMPTY_PAYLOAD), "id": None, "ids": [], "messages": [], "ttl": None,
                     "skipped": skipped, "model": None, "source_image": None, "source_processing": "img2img",
@@ -512,6 +513,17 @@ class HordeState:
                             "queued": float(sum(r.pending * int(r.params.get("width", 512))
                                                 * int(r.params.get("height", 512)) for r in queued))})
             return out
+
+    def all_done(self) -> bool:
+        """True when every request has all its images (or has faulted for good)."""
+        with self.lock:
+            for request in self.requests.values():
+                if request.faulted:
+                    continue
+                done = sum(1 for g in request.generation_ids if self.generations[g].state == "done")
+                if done < int(request.params.get("n", 1)):
+                    return False
+            return True
 
     def counters(self) -> dict[str, Any]:
         """Internal counters for tests and the summary (not part of the horde API)."""

@@ -1,0 +1,251 @@
+"""`horde-worker` / `python -m horde_worker`: read the settings, pick the horde, run the supervisor."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from loguru import logger
+
+from horde_worker import BRIDGE_AGENT
+from horde_worker.config import ConfigError, ConfigWatcher, load_config
+from horde_worker.config.bridge_data import BridgeData
+from horde_worker.inference.messages import SlotSpec
+
+# The summary of the last supervisor run, printed as the very last line of output.
+LAST_SUMMARY: list[str] = [""]
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="horde-worker", description="Image worker for the AI Horde.")
+    parser.add_argument("-c", "--config", default="bridgeData.yaml", help="settings file (default bridgeData.yaml)")
+    parser.add_argument("-n", "--name", help="worker name; overrides dreamer_name")
+    parser.add_argument("--local", action="store_true", help="serve an embedded local horde instead of the real one")
+    parser.add_argument("--jobs", type=int, help="local mode: serve this many sample requests, then exit")
+    parser.add_argument("--requests", type=Path, help="local mode: JSON list of /v2/generate/async bodies to serve")
+    parser.add_argument("--out", type=Path, help="local mode: save the returned images and results.json here")
+    parser.add_argument("--device", default=os.environ.get("HORDE_WORKER_DEVICE", "auto"),
+                        help="auto (default), cpu, cuda, cuda:N or directml")
+    parser.add_argument("--log-dir", type=Path, default=Path("logs"), help="where the logs go (default logs/)")
+    return parser.parse_args(argv)
+
+
+def detect_devices(choice: str) -> list[str]:
+    """Devices for the inference slots. Probed in a child process so this one never imports torch."""
+    if choice not in ("auto", "cuda"):
+        return [choice]
+    probe = "import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)"
+    try:
+        count = int(subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
+                                   check=True).stdout.strip() or 0)
+    except (subprocess.SubprocessError, ValueError, OSError):
+        count = 0
+    if count == 0:
+        if choice == "cuda":
+            raise ConfigError("--device cuda: no CUDA GPU is visible to torch (run update-runtime.sh, check drivers)")
+        return ["cpu"]
+    return [f"cuda:{i}" for i in range(count)]
+
+
+def slot_specs(devices: list[str], settings: BridgeData, log_dir: Path) -> list[SlotSpec]:
+    """max_threads slots per GPU; one on the CPU unless max_threads asks for more."""
+    per_device = settings.max_threads
+    specs, index = [], 0
+    for device in devices:
+        for _ in range(per_device):
+            specs.append(SlotSpec(slot=index, device=device, log_dir=str(log_dir)))
+            index += 1
+    return specs
+
+
+def _console_sink():
+    from rich.console import Console
+    from rich.text import Text
+
+    console = Console(stderr=True)
+
+    def sink(message) -> None:
+        console.print(Text.from_ansi(str(message)), end="")
+
+    return console, sink
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit code."""
+    args = parse_args(argv)
+    console, sink = _console_sink()
+    from horde_worker.ui.logs import setup_logging
+
+    setup_logging(args.log_dir, console=sink)
+    config_path = Path(args.config)
+    overrides = {"dreamer_name": args.name} if args.name else {}
+    try:
+        loaded = load_config(config_path if config_path.exists() else None, overrides)
+    except ConfigError as exc:
+        for line in str(exc).splitlines():
+            logger.error(line)
+        logger.error("fix the setting(s) above (see bridgeData_template.yaml for every key) and start again")
+        return 2
+    settings = loaded.data
+    local = args.local or (not config_path.exists() and settings.is_anonymous)
+    if (args.jobs or args.requests or args.out) and not local:
+        logger.error("--jobs, --requests and --out only apply to local mode: add --local")
+        return 2
+    for notice in loaded.notices:
+        logger.warning(notice)
+    logger.info("{} starting", BRIDGE_AGENT)
+    try:
+        devices = detect_devices(args.device)
+    except ConfigError as exc:
+        logger.error(str(exc))
+        return 2
+    if local:
+        from horde_worker.local_mode import run_local
+
+        code = run_local(settings, args, devices, console)
+    else:
+        code = run_horde(loaded, overrides, args, devices, console)
+    if LAST_SUMMARY[0]:
+        print(LAST_SUMMARY[0], flush=True)
+    return code
+
+
+def run_horde(loaded, overrides, args, devices: list[str], console) -> int:
+    """Serve the horde at horde_url."""
+    from horde_worker.horde.client import HordeClient
+    from horde_worker.models.catalog import ModelCatalog, resolve_models
+
+    settings = loaded.data
+    if settings.is_anonymous:
+        logger.error("api_key: the anonymous key cannot run a worker. Register at https://aihorde.net/register "
+                     "and put your key in bridgeData.yaml (api_key) or AIWORKER_API_KEY")
+        return 2
+    served, notices = resolve_models(settings.models_to_load, Path(settings.cache_home))
+    for notice in notices:
+        logger.warning(notice)
+    if not served:
+        logger.error("models_to_load: no model can be served (see the warnings above)")
+        return 2
+    logger.info("serving {} model(s): {}", len(served), ", ".join(m.name for m in served))
+    client = HordeClient(settings.horde_url, settings.api_key)
+    watcher = ConfigWatcher(loaded, overrides)
+    return run_supervisor(settings, client, ModelCatalog(served), devices, args, console, watcher=watcher)
+
+
+def run_supervisor(settings: BridgeData, client, catalog, devices: list[str], args, console, *,
+                   stop_condition=None, watcher: ConfigWatcher | None = None, pop_interval: float = 1.0) -> int:
+    """Run the supervisor with Ctrl+C handling and the status line; returns the exit code."""
+    from horde_worker.supervisor.loop import Supervisor
+    from horde_worker.ui.status import StatusLine
+
+    last_poll = [0.0]
+
+    def poll_config() -> None:
+        if watcher is None or time.monotonic() - last_poll[0] < 5:
+            return
+        last_poll[0] = time.monotonic()
+        try:
+            applied, restart = watcher.poll()
+        except ConfigError as exc:
+            logger.error("bridgeData.yaml changed but is not valid; keeping the old settings:\n{}", exc)
+            return
+        for key, value in applied.items():
+            logger.info("setting applied: {} = {!r}", key, "********" if "key" in key else value)
+        for message in restart:
+            logger.warning(message)
+
+    supervisor = Supervisor(settings, client, catalog, slot_specs(devices, settings, args.log_dir),
+                            Path(settings.cache_home) / "journal", stop_condition=stop_condition,
+                            config_poll=poll_config, pop_interval=pop_interval)
+    status = StatusLine(supervisor.status_text, every=settings.stats_output_frequency, console=console,
+                        live=None if not settings.limited_console_messages else False)
+    supervisor.on_tick = status.tick
+    interrupts = [0]
+
+    def on_interrupt(*_args) -> None:
+        interrupts[0] += 1
+        if interrupts[0] == 1:
+            supervisor.request_stop()
+            return
+        logger.warning("second Ctrl+C: quitting now")
+        if supervisor.pool is not None:
+            for slot in supervisor.pool.slots:
+                if slot.process is not None and slot.process.is_alive():
+                    slot.process.kill()
+        os._exit(130)
+
+    async def main_loop() -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                loop.add_signal_handler(sig, on_interrupt)
+            except (NotImplementedError, RuntimeError):  # Windows
+                signal.signal(sig, on_interrupt)
+        return await supervisor.run()
+
+    status.start()
+    try:
+        code = asyncio.run(main_loop())
+    finally:
+        status.stop()
+    logger.info(supervisor.stats.summary())
+    if supervisor.fatal:
+        logger.error(supervisor.fatal)
+    LAST_SUMMARY[0] = supervisor.stats.summary()
+    return code
+
+
+def collect_results(horde, request_ids: list[str], out_dir: Path) -> None:
+    """Save every image of every request as WebP and write results.json (local mode)."""
+    import requests
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results = []
+    for index, request_id in enumerate(request_ids):
+        status = requests.get(f"{horde.url}/v2/generate/status/{request_id}", timeout=30).json()
+        generations = []
+        for gen_index, gen in enumerate(status.get("generations", [])):
+            img = gen["img"]
+            if img.startswith("http"):
+                data = requests.get(img, timeout=30).content
+            else:
+                import base64
+
+                data = base64.b64decode(img)
+            name = f"{index:03d}_{gen_index}.webp"
+            (out_dir / name).write_bytes(data)
+            from PIL import Image
+
+            with Image.open(out_dir / name) as image:
+                width, height = image.size
+            generations.append({"file": name, "id": gen["id"], "seed": gen["seed"], "state": gen["state"],
+                                "censored": gen["censored"], "gen_metadata": gen["gen_metadata"],
+                                "model": gen["model"], "width": width, "height": height})
+        results.append({"request_id": request_id, "done": status.get("done"), "faulted": status.get("faulted"),
+                        "generations": generations})
+    (out_dir / "results.json").write_text(json.dumps(results, indent=2))
+    logger.info("saved {} request(s) to {}", len(results), out_dir)
+
+
+def feed_samples_forever(horde, model: str, stop: threading.Event) -> None:
+    """Keep one sample request waiting, so the demo loop never runs dry (local mode without --jobs)."""
+    from horde_worker.localhorde.samples import sample_requests
+
+    index = 0
+    while not stop.wait(1.0):
+        if horde.state.counters()["pending"] == 0:
+            body = sample_requests(index + 1, model)[index]
+            horde.state.add_request(body)
+            index += 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

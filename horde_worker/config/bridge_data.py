@@ -1,0 +1,171 @@
+"""The worker's settings: `bridgeData.yaml`, the keys of the reGen worker's template.
+
+Every key of that template is accepted. Keys this worker does not act on yet are listed in
+`NOT_YET_HONOURED` and reported at start when a user sets them, so nothing is silently ignored.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+ANONYMOUS_KEY = "0000000000"
+DEFAULT_HORDE_URL = "https://aihorde.net/api"
+
+# Keys that take effect when bridgeData.yaml changes while the worker runs.
+LIVE_KEYS = frozenset({
+    "nsfw", "blacklist", "censorlist", "censor_nsfw", "priority_usernames", "max_power", "max_batch", "queue_size",
+    "allow_img2img", "allow_painting", "allow_unsafe_ip", "allow_post_processing", "allow_controlnet",
+    "allow_sdxl_controlnet", "allow_lora", "extra_slow_worker", "limit_max_steps", "require_upfront_kudos",
+    "stats_output_frequency", "limited_console_messages",
+})
+
+# Accepted for compatibility, not acted on yet: each says so at start when set.
+NOT_YET_HONOURED: dict[str, str] = {
+    "allow_img2img": "img2img is not supported yet; the worker tells the horde it does not take such jobs",
+    "allow_painting": "inpainting is not supported yet; the worker tells the horde it does not take such jobs",
+    "allow_post_processing": "post-processing is not supported yet; the horde is told so",
+    "allow_controlnet": "ControlNet is not supported yet; the horde is told so",
+    "allow_sdxl_controlnet": "ControlNet is not supported yet; the horde is told so",
+    "allow_lora": "LoRA is not supported yet; the horde is told so",
+    "censor_nsfw": "the safety checker is not built yet",
+    "censorlist": "the safety checker is not built yet",
+    "safety_on_gpu": "the safety checker is not built yet",
+    "civitai_api_token": "LoRA and textual inversion downloads are not built yet",
+    "max_lora_cache_size": "LoRA is not supported yet",
+    "purge_loras_on_download": "LoRA is not supported yet",
+    "load_large_models": "Cascade and Flux models are not supported yet",
+    "models_to_skip": "model meta-instructions are not built yet",
+    "custom_models": "custom models are not supported yet",
+    "ram_to_leave_free": "RAM budgets are not built yet",
+    "vram_to_leave_free": "VRAM budgets are not built yet",
+    "high_memory_mode": "memory modes are not built yet",
+    "high_performance_mode": "performance modes are not built yet",
+    "moderate_performance_mode": "performance modes are not built yet",
+    "unload_models_from_vram_often": "model residency options are not built yet",
+    "very_fast_disk_mode": "model residency options are not built yet",
+    "post_process_job_overlap": "post-processing is not supported yet",
+    "exit_on_unhandled_faults": "faulted jobs are always submitted and the worker keeps running",
+}
+
+_PERCENT_OR_MB = re.compile(r"^\s*(\d+(\.\d+)?)\s*(%|MB|GB)?\s*$", re.IGNORECASE)
+
+
+class CustomModel(BaseModel):
+    """An entry of `custom_models`."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    baseline: str
+    filepath: str
+
+
+class BridgeData(BaseModel):
+    """All settings of the worker, with the reGen template's names and defaults."""
+
+    model_config = ConfigDict(extra="allow", validate_assignment=True)
+
+    api_key: str = ANONYMOUS_KEY
+    dreamer_name: str = Field("An Awesome Dreamer", min_length=1, max_length=100)
+    horde_url: str = DEFAULT_HORDE_URL
+    models_to_load: list[str] = Field(default_factory=lambda: ["TOP 2"])
+    models_to_skip: list[str] = Field(default_factory=list)
+    custom_models: list[CustomModel] = Field(default_factory=list)
+    load_large_models: bool = False
+    cache_home: str = "./models"
+
+    max_threads: int = Field(1, ge=1, le=50)
+    queue_size: int = Field(1, ge=0, le=10)
+    max_batch: int = Field(1, ge=1, le=20)
+    max_power: int = Field(8, ge=2, le=288)
+    extra_slow_worker: bool = False
+    limit_max_steps: bool = False
+
+    nsfw: bool = True
+    censor_nsfw: bool = False
+    censorlist: list[str] = Field(default_factory=list)
+    blacklist: list[str] = Field(default_factory=list)
+    safety_on_gpu: bool = False
+
+    allow_img2img: bool = True
+    allow_painting: bool = True
+    allow_unsafe_ip: bool = True
+    allow_post_processing: bool = True
+    allow_controlnet: bool = False
+    allow_sdxl_controlnet: bool = False
+    allow_lora: bool = False
+    require_upfront_kudos: bool = False
+    priority_usernames: list[str] = Field(default_factory=list)
+
+    civitai_api_token: str | None = None
+    max_lora_cache_size: int = Field(10, ge=1)
+    purge_loras_on_download: bool = False
+
+    ram_to_leave_free: str = "80%"
+    vram_to_leave_free: str = "80%"
+    high_memory_mode: bool = False
+    high_performance_mode: bool = False
+    moderate_performance_mode: bool = False
+    unload_models_from_vram_often: bool = True
+    very_fast_disk_mode: bool = False
+    post_process_job_overlap: bool = False
+
+    remove_maintenance_on_init: bool = False
+    exit_on_unhandled_faults: bool = False
+    stats_output_frequency: int = Field(30, ge=1)
+    limited_console_messages: bool = False
+
+    @field_validator("models_to_load", "models_to_skip", "censorlist", "blacklist", "priority_usernames",
+                     mode="before")
+    @classmethod
+    def _list_from_text(cls, value: Any) -> Any:
+        if value is None:
+            return []
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("priority_usernames")
+    @classmethod
+    def _alias_with_id(cls, value: list[str]) -> list[str]:
+        for name in value:
+            if not re.fullmatch(r".+#\d+", name):
+                raise ValueError(f"{name!r} must be written as alias#id, e.g. db0#1")
+        return value
+
+    @field_validator("ram_to_leave_free", "vram_to_leave_free", mode="before")
+    @classmethod
+    def _percent_or_size(cls, value: Any) -> str:
+        text = str(value)
+        match = _PERCENT_OR_MB.match(text)
+        if not match or (match.group(3) == "%" and not 0 <= float(match.group(1)) <= 100):
+            raise ValueError(f"{text!r} must be a percentage such as '80%' or a size in MB such as 4096")
+        return text.strip()
+
+    @field_validator("horde_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if not re.match(r"^https?://[^/\s]+", value):
+            raise ValueError(f"{value!r} must be an http(s) URL such as {DEFAULT_HORDE_URL}")
+        return value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _empty_models_mean_top_two(self) -> BridgeData:
+        if not self.models_to_load:
+            object.__setattr__(self, "models_to_load", ["TOP 2"])
+        return self
+
+    @property
+    def max_pixels(self) -> int:
+        """The pop's max_pixels: 8 x 64 x 64 pixels per unit of max_power (8 is 512x512)."""
+        return 64 * 64 * 8 * self.max_power
+
+    @property
+    def is_anonymous(self) -> bool:
+        return self.api_key in ("", ANONYMOUS_KEY)
+
+    def unknown_keys(self) -> list[str]:
+        """Keys in the file that no version of the worker template knows."""
+        return sorted((self.model_extra or {}).keys())

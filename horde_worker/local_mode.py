@@ -1,0 +1,84 @@
+"""Local mode: the worker serves an embedded horde on 127.0.0.1 with the tiny demo model.
+
+Nothing leaves the machine. Sample requests (or the user's own, from `--requests FILE`) go to
+the local horde over HTTP, the worker pops and submits them exactly as it would on the real
+horde, and `--out DIR` saves what came back.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+from loguru import logger
+
+from horde_worker.config.bridge_data import BridgeData
+from horde_worker.inference.tiny import DEMO_MODEL_NAME, ensure_demo_model
+from horde_worker.localhorde import LocalHorde
+from horde_worker.localhorde.samples import sample_requests
+from horde_worker.models.catalog import ModelCatalog, ServedModel
+
+
+def load_request_file(path: Path, model: str) -> list[dict]:
+    """A JSON list of /v2/generate/async bodies; bodies without `models` get the demo model."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"--requests {path}: cannot read a JSON list of requests: {exc}") from None
+    if not isinstance(data, list) or not all(isinstance(item, dict) for item in data):
+        raise ValueError(f"--requests {path}: must be a JSON list of request objects")
+    return [{**item, "models": item.get("models") or [model]} for item in data]
+
+
+def run_local(settings: BridgeData, args, devices: list[str], console) -> int:
+    """Run the worker against an embedded local horde; returns the exit code."""
+    from horde_worker.cli import collect_results, feed_samples_forever, run_supervisor
+    from horde_worker.horde.client import HordeClient, RetryPolicy
+
+    logger.warning("LOCAL MODE: serving an embedded horde on 127.0.0.1 with the tiny demo model {!r}; nothing "
+                   "goes to the real horde. To serve it, copy bridgeData_template.yaml to bridgeData.yaml, set "
+                   "api_key and dreamer_name, and start without --local.", DEMO_MODEL_NAME)
+    model_path = ensure_demo_model(Path(settings.cache_home))
+    catalog = ModelCatalog([ServedModel(DEMO_MODEL_NAME, model_path, "stable_diffusion_1")])
+    if args.requests:
+        try:
+            bodies = load_request_file(args.requests, DEMO_MODEL_NAME)
+        except ValueError as exc:
+            logger.error(str(exc))
+            return 2
+    elif args.jobs is not None:
+        bodies = sample_requests(args.jobs, DEMO_MODEL_NAME)
+    else:
+        bodies = []
+    horde = LocalHorde([DEMO_MODEL_NAME]).start()
+    settings = settings.model_copy(update={
+        "horde_url": horde.url, "api_key": horde.api_key,
+        "dreamer_name": args.name or LOCAL_NAME_DEFAULT,
+    })
+    request_ids = []
+    for body in bodies:
+        try:
+            request_ids.append(horde.state.add_request(body)["id"])
+        except Exception as exc:  # a request the horde would refuse
+            logger.error("request refused by the local horde: {}", getattr(exc, "errors", None) or exc)
+            horde.stop()
+            return 2
+    stop_feeding = threading.Event()
+    finite = bool(bodies) or args.jobs is not None
+    if not finite:
+        threading.Thread(target=feed_samples_forever, args=(horde, DEMO_MODEL_NAME, stop_feeding),
+                         daemon=True).start()
+    client = HordeClient(horde.url, horde.api_key, retry=RetryPolicy(attempts=5, base_delay=0.2, max_delay=2))
+    try:
+        code = run_supervisor(settings, client, catalog, devices, args, console,
+                              stop_condition=horde.state.all_done if finite else None, pop_interval=0.2)
+        if args.out and code == 0:
+            collect_results(horde, request_ids, args.out)
+    finally:
+        stop_feeding.set()
+        horde.stop()
+    return code
+
+
+LOCAL_NAME_DEFAULT = "local-demo-worker"

@@ -1,0 +1,100 @@
+"""From a popped job to an inference request, and from finished images to submit bodies."""
+
+from __future__ import annotations
+
+import base64
+import io
+import zlib
+from typing import Any
+
+from horde_worker.horde.wire import JobPayload, SubmitRequest, SubmitState
+from horde_worker.inference.messages import GenerateRequest
+from horde_worker.inference.samplers import SAMPLERS
+from horde_worker.models.catalog import ModelCatalog
+from horde_worker.supervisor.job import Job
+
+SEED_RANGE = 2**32
+
+
+def base_seed(payload: JobPayload) -> int:
+    """The pop's seed string as an integer (digits as they are, other text hashed stably)."""
+    text = (payload.seed or "").strip()
+    if text.isdigit():
+        return int(text) % SEED_RANGE
+    return zlib.crc32(text.encode()) % SEED_RANGE
+
+
+def seeds_for(payload: JobPayload, count: int) -> list[int]:
+    """One seed per image: the batch shares the pop's seed, so image i gets seed + i, and a request for
+    that single seed makes the same picture."""
+    start = base_seed(payload)
+    return [(start + i) % SEED_RANGE for i in range(count)]
+
+
+def split_prompt(prompt: str) -> tuple[str, str]:
+    """(positive, negative): the negative prompt follows the first `###`."""
+    positive, sep, negative = prompt.partition("###")
+    return positive.strip(), negative.replace("###", " ").strip() if sep else ""
+
+
+def unsupported_reason(job: Job, catalog: ModelCatalog) -> str | None:
+    """Why this worker cannot do the job faithfully, or None."""
+    pop, payload = job.pop, job.pop.payload
+    if not catalog.has(job.model):
+        return f"model {job.model!r} is not served by this worker"
+    if pop.source_image:
+        return f"source images ({pop.source_processing}) are not supported yet"
+    if payload.sampler_name not in SAMPLERS:
+        return f"sampler {payload.sampler_name!r} is not implemented by this worker"
+    unsupported = [name for name, used in (
+        ("hires_fix", payload.hires_fix), ("tiling", payload.tiling), ("post_processing", payload.post_processing),
+        ("loras", payload.loras), ("tis", payload.tis), ("control_type", payload.control_type),
+        ("transparent", payload.transparent), ("workflow", payload.workflow)) if used]
+    if unsupported:
+        return f"not supported yet: {', '.join(unsupported)}"
+    return None
+
+
+def generate_request(job: Job, catalog: ModelCatalog) -> GenerateRequest:
+    """The message an inference process runs for this job."""
+    payload = job.pop.payload
+    model = catalog.get(job.model)
+    positive, negative = split_prompt(payload.prompt)
+    return GenerateRequest(
+        job_id=job.id,
+        model_name=model.name,
+        model_path=str(model.path),
+        baseline=model.baseline,
+        prompt=positive,
+        negative_prompt=negative,
+        width=payload.width,
+        height=payload.height,
+        steps=payload.ddim_steps,
+        cfg_scale=payload.cfg_scale,
+        sampler_name=payload.sampler_name,
+        karras=payload.karras,
+        seeds=list(job.seeds),
+        clip_skip=max(1, payload.clip_skip),
+    )
+
+
+def encode_webp(image: Any, quality: int = 95) -> bytes:
+    """HxWxC uint8 pixels as WebP bytes."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="WEBP", quality=quality, method=4)
+    return buffer.getvalue()
+
+
+def submit_body(job: Job, index: int) -> SubmitRequest:
+    """The submit for the job's `index`-th id: R2 when its upload succeeded, base64 WebP otherwise."""
+    job_id = job.ids[index]
+    seed = job.seeds[index] if index < len(job.seeds) else base_seed(job.pop.payload)
+    if job.fault_reason is not None:
+        return SubmitRequest(id=job_id, generation="R2", seed=seed, state=SubmitState.FAULTED,
+                             gen_metadata=job.gen_metadata)
+    uploaded = index < len(job.uploaded) and job.uploaded[index]
+    generation = "R2" if uploaded else base64.b64encode(job.webp[index]).decode()
+    return SubmitRequest(id=job_id, generation=generation, seed=seed, state=SubmitState.OK,
+                         gen_metadata=job.gen_metadata)

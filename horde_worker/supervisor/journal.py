@@ -1,0 +1,77 @@
+"""Finished images kept on disk until the horde has acknowledged their submit.
+
+One folder per job: `job.json` (ids, seeds, state, metadata, which uploads succeeded) and the
+WebP files. Written when the images are encoded or the job faults, removed once every id is
+answered. At start, what is left is submitted again, so a crash or a network outage never
+loses a finished image.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from horde_worker.horde.wire import GenMetadata, PopResponse
+from horde_worker.supervisor.job import Job, JobState
+
+
+class Journal:
+    """Folder-per-job store under `root`."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def _folder(self, job: Job) -> Path:
+        return self.root / job.id
+
+    def record(self, job: Job) -> None:
+        """Write (or update) the job's entry atomically."""
+        folder = self._folder(job)
+        folder.mkdir(parents=True, exist_ok=True)
+        for index, data in enumerate(job.webp):
+            path = folder / f"{index}.webp"
+            if not path.exists():
+                tmp = path.with_suffix(".tmp")
+                tmp.write_bytes(data)
+                tmp.replace(path)
+        entry = {
+            "pop": job.pop.model_dump(mode="json"),
+            "popped_at": job.popped_at,
+            "state": job.state.value,
+            "fault_reason": job.fault_reason,
+            "seeds": job.seeds,
+            "uploaded": job.uploaded,
+            "submitted_ids": sorted(job.submitted_ids),
+            "gen_metadata": [m.model_dump(mode="json") for m in job.gen_metadata],
+            "images": len(job.webp),
+        }
+        tmp = folder / "job.json.tmp"
+        tmp.write_text(json.dumps(entry))
+        tmp.replace(folder / "job.json")
+
+    def forget(self, job: Job) -> None:
+        """Drop the job's entry: every id has been answered."""
+        shutil.rmtree(self._folder(job), ignore_errors=True)
+
+    def pending(self) -> list[Job]:
+        """Jobs left by an earlier run that still need their submit."""
+        jobs = []
+        for entry_path in sorted(self.root.glob("*/job.json")):
+            try:
+                entry: dict[str, Any] = json.loads(entry_path.read_text())
+                pop = PopResponse.model_validate(entry["pop"])
+                job = Job(pop=pop, popped_at=entry["popped_at"], state=JobState(entry["state"]))
+                job.fault_reason = entry.get("fault_reason")
+                job.seeds = list(entry["seeds"])
+                job.uploaded = list(entry["uploaded"])
+                job.submitted_ids = set(entry["submitted_ids"])
+                job.gen_metadata = [GenMetadata.model_validate(m) for m in entry["gen_metadata"]]
+                job.webp = [(entry_path.parent / f"{i}.webp").read_bytes() for i in range(entry["images"])]
+            except (OSError, ValueError, KeyError):
+                shutil.rmtree(entry_path.parent, ignore_errors=True)
+                continue
+            jobs.append(job)
+        return jobs

@@ -1,0 +1,409 @@
+"""The supervisor: pops jobs, feeds the inference slots, uploads and submits the results.
+
+One asyncio loop in the main process. Blocking HTTP runs in threads, inference in the slot
+processes, so the GPU never waits on the network: the next job is popped and queued, and the
+last job is encoded, uploaded and submitted, while the current one samples.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from loguru import logger
+
+from horde_worker import BRIDGE_AGENT
+from horde_worker.config.bridge_data import BridgeData
+from horde_worker.horde.client import HordeClient, HordeError, HordeUnreachable, RetryPolicy, SubmitOutcome
+from horde_worker.horde.wire import PopRequest, PopResponse
+from horde_worker.inference.messages import GenerateFailed, GenerateResult, Progress, SlotReady, SlotSpec
+from horde_worker.models.catalog import ModelCatalog
+from horde_worker.supervisor import jobspec
+from horde_worker.supervisor.job import Job, JobState
+from horde_worker.supervisor.journal import Journal
+from horde_worker.supervisor.scheduler import Scheduler
+from horde_worker.supervisor.slots import Slot, SlotPool
+from horde_worker.supervisor.stats import SessionStats
+
+# Pop errors that no retry can fix: the owner must change something.
+FATAL_POP_ERRORS = {
+    "InvalidAPIKey": "the API key is not valid: check api_key in bridgeData.yaml",
+    "AnonForbiddenWorker": "workers need a registered API key: set api_key in bridgeData.yaml",
+    "WrongCredentials": "this dreamer_name belongs to another user: choose another dreamer_name",
+    "ProfaneWorkerName": "the horde refused this dreamer_name: choose another one",
+    "TooManyWorkers": "this account runs as many workers as it may",
+    "WorkerInviteOnly": "this horde only accepts invited workers",
+}
+# The horde flags a worker whose job goes from pop to submit faster than this.
+SUSPICIOUS_MPS = 20.0
+
+
+class Supervisor:
+    """Runs the worker until asked to stop, then drains: running jobs finish and are submitted."""
+
+    def __init__(self, settings: BridgeData, client: HordeClient, catalog: ModelCatalog, slot_specs: list[SlotSpec],
+                 journal_dir: Path, *, pop_interval: float = 1.0, maintenance_interval: float = 60.0,
+                 submit_patience: float = 1800.0, stop_condition: Callable[[], bool] | None = None,
+                 on_tick: Callable[[float], None] | None = None, config_poll: Callable[[], None] | None = None) -> None:
+        self.settings = settings
+        self.client = client
+        self.catalog = catalog
+        self.slot_specs = slot_specs
+        self.journal = Journal(journal_dir)
+        self.pop_interval = pop_interval
+        self.maintenance_interval = maintenance_interval
+        self.submit_patience = submit_patience
+        self.stop_condition = stop_condition
+        self.on_tick = on_tick
+        self.config_poll = config_poll
+        self.scheduler = Scheduler()
+        self.stats = SessionStats()
+        self.jobs: dict[str, Job] = {}
+        self.exit_code = 0
+        self.stopping = False
+        self.fatal: str | None = None
+        self._wake: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._tasks: set[asyncio.Task] = set()
+        self._seen_messages: set[str] = set()
+        self.pool: SlotPool | None = None
+
+    # --- life cycle ------------------------------------------------------------------------
+
+    def request_stop(self) -> None:
+        """Stop popping; running and waiting jobs are finished and submitted."""
+        if not self.stopping:
+            logger.warning("stopping: no new jobs; finishing {} job(s) in hand (Ctrl+C again to quit now)",
+                           len(self.jobs))
+        self.stopping = True
+        self._poke()
+
+    def _poke(self) -> None:
+        if self._wake is not None:
+            self._wake.set()
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            logger.opt(exception=task.exception()).error("internal task failed")
+
+    def _threadsafe(self, callback):
+        def call(*args) -> None:
+            if self._loop is not None and not self._loop.is_closed():
+                self._loop.call_soon_threadsafe(callback, *args)
+        return call
+
+    async def run(self) -> int:
+        """The supervisor's main loop; returns the process exit code."""
+        self._loop = asyncio.get_running_loop()
+        self._wake = asyncio.Event()
+        self.pool = SlotPool(self.slot_specs, self._threadsafe(self._on_message), self._threadsafe(self._on_death))
+        self.pool.start()
+        await self._prepare_worker()
+        for job in self.journal.pending():
+            logger.info("resuming the submit of job {} left from an earlier run", job.id)
+            self.jobs[job.id] = job
+            self._spawn(self._finish(job))
+        self._spawn(self._pop_loop())
+        last = time.monotonic()
+        while True:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=1.0)
+            self._wake.clear()
+            now = time.monotonic()
+            if self.on_tick is not None:
+                self.on_tick(now - last)
+            last = now
+            if self.config_poll is not None:
+                self.config_poll()
+            if not self.stopping and self.stop_condition is not None and not self.jobs and self.stop_condition():
+                self.stopping = True
+            self._dispatch()
+            if self.stopping and not self.jobs:
+                break
+        await asyncio.to_thread(self.pool.stop)
+        for task in list(self._tasks):
+            task.cancel()
+        return 1 if self.fatal else self.exit_code
+
+    async def _prepare_worker(self) -> None:
+        if not self.settings.remove_maintenance_on_init:
+            return
+        try:
+            worker = await asyncio.to_thread(self.client.get_worker_by_name, self.settings.dreamer_name)
+            if worker.get("maintenance_mode"):
+                await asyncio.to_thread(self.client.set_maintenance, worker["id"], False)
+                logger.info("maintenance mode of {} cleared (remove_maintenance_on_init)", self.settings.dreamer_name)
+        except (HordeError, HordeUnreachable) as exc:
+            logger.info("maintenance not cleared: {}", exc)
+
+    # --- popping ---------------------------------------------------------------------------
+
+    def pop_request(self) -> PopRequest:
+        """What this worker asks the horde for; it claims only what it can do faithfully."""
+        s = self.settings
+        return PopRequest(
+            name=s.dreamer_name, models=self.catalog.names(), bridge_agent=BRIDGE_AGENT,
+            threads=len(self.slot_specs), amount=s.max_batch, max_pixels=s.max_pixels, nsfw=s.nsfw,
+            blacklist=s.blacklist, priority_usernames=s.priority_usernames,
+            allow_img2img=False, allow_painting=False, allow_unsafe_ipaddr=s.allow_unsafe_ip,
+            allow_post_processing=False, allow_controlnet=False, allow_sdxl_controlnet=False, allow_lora=False,
+            extra_slow_worker=s.extra_slow_worker, limit_max_steps=s.limit_max_steps,
+            require_upfront_kudos=s.require_upfront_kudos,
+        )
+
+    def _room_to_pop(self) -> bool:
+        waiting = sum(1 for j in self.jobs.values()
+                      if j.state in (JobState.POPPED, JobState.INPUTS_READY, JobState.QUEUED))
+        free_slots = sum(1 for slot in self.pool.slots if slot.job_id is None)
+        return waiting < self.settings.queue_size + free_slots
+
+    async def _pop_loop(self) -> None:
+        failures = 0
+        while not self.stopping:
+            if not self._room_to_pop():
+                await asyncio.sleep(0.05)
+                continue
+            try:
+                pop = await asyncio.to_thread(self.client.pop, self.pop_request(),
+                                              RetryPolicy(attempts=3, base_delay=0.5, max_delay=10))
+                failures = 0
+            except HordeError as exc:
+                if exc.rc in FATAL_POP_ERRORS:
+                    self.fatal = f"{FATAL_POP_ERRORS[exc.rc]} ({exc.message})"
+                    logger.error("the horde refused this worker: {}", self.fatal)
+                    self.request_stop()
+                    return
+                if exc.rc in ("WorkerMaintenance", "WorkerFlaggedMaintenance"):
+                    logger.warning(
+                        "the horde has put this worker in maintenance ({}). Jobs failed too often: look at "
+                        "logs/trace.log, fix the cause, then clear it on the horde's worker page or with "
+                        "remove_maintenance_on_init: true and a restart. Asking again in {:.0f}s.",
+                        exc.message, self.maintenance_interval)
+                    await self._sleep_unless_stopping(self.maintenance_interval)
+                    continue
+                failures += 1
+                logger.warning("pop refused: {}", exc)
+                await self._sleep_unless_stopping(min(60.0, 2**failures))
+                continue
+            except HordeUnreachable as exc:
+                failures += 1
+                logger.warning("horde unreachable: {}; trying again", exc)
+                await self._sleep_unless_stopping(min(60.0, 2**failures * random.uniform(0.5, 1.0)))
+                continue
+            self._show_messages(pop)
+            if not pop.has_job:
+                await self._sleep_unless_stopping(self.pop_interval)
+                continue
+            job = Job(pop=pop)
+            self.jobs[job.id] = job
+            logger.info("popped job {} ({} x {}x{} {} steps, model {})", job.id, len(job.ids), pop.payload.width,
+                        pop.payload.height, pop.payload.ddim_steps, job.model)
+            self._spawn(self._prepare(job))
+
+    async def _sleep_unless_stopping(self, seconds: float) -> None:
+        end = time.monotonic() + seconds
+        while not self.stopping and time.monotonic() < end:
+            await asyncio.sleep(min(0.2, end - time.monotonic()))
+
+    def _show_messages(self, pop: PopResponse) -> None:
+        for message in pop.messages:
+            key = message.id or message.message
+            if key not in self._seen_messages:
+                self._seen_messages.add(key)
+                logger.warning("message from the horde's moderators: {}", message.message)
+
+    # --- preparing and running ---------------------------------------------------------------
+
+    async def _prepare(self, job: Job) -> None:
+        job.seeds = jobspec.seeds_for(job.pop.payload, len(job.ids))
+        reason = jobspec.unsupported_reason(job, self.catalog)
+        if reason is not None:
+            logger.error("job {} cannot be done: {}", job.id, reason)
+            job.advance(JobState.FAULTED, reason)
+            await self._finish(job)
+            return
+        job.advance(JobState.INPUTS_READY)
+        self.scheduler.add(job)
+        self._dispatch()
+
+    def _dispatch(self) -> None:
+        for slot in self.pool.slots:
+            if not slot.idle or not len(self.scheduler):
+                continue
+            job = self.scheduler.pick(slot.resident)
+            if job is None:
+                continue
+            if time.time() > job.deadline:
+                job.advance(JobState.ABANDONED)
+                logger.warning("job {} waited past its TTL; the horde has given it to someone else", job.id)
+                self._forget(job)
+                continue
+            job.attempts += 1
+            job.slot = slot.spec.slot
+            slot.job_id = job.id
+            job.advance(JobState.RUNNING)
+            self.stats.job_started()
+            self.pool.send(slot, jobspec.generate_request(job, self.catalog))
+
+    def _on_message(self, slot: Slot, message: object) -> None:
+        if isinstance(message, SlotReady):
+            slot.ready = True
+            logger.info("inference slot {} ready on {}", slot.spec.slot, message.device_name)
+        elif isinstance(message, Progress):
+            job = self.jobs.get(message.job_id)
+            if job is not None:
+                job.progress = (message.step, message.total)
+        elif isinstance(message, GenerateResult):
+            slot.job_id, slot.resident = None, list(message.resident_models)
+            job = self.jobs.get(message.job_id)
+            if job is not None and job.state is JobState.RUNNING:
+                job.images = list(message.images)
+                job.advance(JobState.GENERATED)
+                self.stats.job_generated(job.megapixelsteps, message.load_seconds + message.sample_seconds)
+                logger.info("job {} generated in {:.2f}s (+{:.2f}s loading)", job.id, message.sample_seconds,
+                            message.load_seconds)
+                self._spawn(self._finish(job))
+        elif isinstance(message, GenerateFailed):
+            slot.job_id, slot.resident = None, list(message.resident_models)
+            job = self.jobs.get(message.job_id)
+            if job is not None and job.state is JobState.RUNNING:
+                logger.error("job {} failed: {}", job.id, message.reason)
+                job.advance(JobState.FAULTED, message.reason)
+                self._spawn(self._finish(job))
+        self._poke()
+
+    def _on_death(self, slot: Slot, exit_code: int | None) -> None:
+        job = self.jobs.get(slot.job_id) if slot.job_id else None
+        logger.error("inference slot {} died (exit code {}); starting a new one", slot.spec.slot, exit_code)
+        slot.ready, slot.job_id = False, None
+        if not self.stopping or job is not None:
+            self.pool.restart(slot)
+        if job is not None and job.state is JobState.RUNNING:
+            spent = time.time() - (job.started_at or job.popped_at)
+            if job.attempts < 2 and time.time() + spent * 1.5 + 10 < job.deadline:
+                logger.warning("job {} runs again on the new process", job.id)
+                self.scheduler.add(job)
+            else:
+                job.advance(JobState.FAULTED, f"inference process died (exit code {exit_code})")
+                self._spawn(self._finish(job))
+        self._poke()
+
+    # --- results -----------------------------------------------------------------------------
+
+    async def _finish(self, job: Job) -> None:
+        """Encode, upload and submit a generated job, or submit a faulted one."""
+        if job.state is JobState.GENERATED:
+            job.webp = await asyncio.to_thread(lambda: [jobspec.encode_webp(img) for img in job.images])
+            job.images = []
+            job.uploaded = [False] * len(job.webp)
+            job.advance(JobState.ENCODED)
+            await asyncio.to_thread(self.journal.record, job)
+            await self._upload(job)
+        elif job.state is JobState.ENCODED:  # resumed from the journal
+            await self._upload(job)
+        elif job.state is JobState.FAULTED:
+            await asyncio.to_thread(self.journal.record, job)
+        await self._hold_for_pace(job)
+        await self._submit(job)
+
+    async def _upload(self, job: Job) -> None:
+        urls = job.pop.r2_uploads or ([job.pop.r2_upload] if job.pop.r2_upload else [])
+        for index, data in enumerate(job.webp):
+            if job.uploaded[index] or index >= len(urls) or not urls[index]:
+                continue
+            try:
+                await asyncio.to_thread(self.client.upload, urls[index], data,
+                                        RetryPolicy(attempts=5, base_delay=0.5, max_delay=15))
+                job.uploaded[index] = True
+            except HordeUnreachable as exc:
+                logger.warning("upload for {} failed ({}); the image goes in the submit instead", job.ids[index], exc)
+        await asyncio.to_thread(self.journal.record, job)
+        if job.state is JobState.ENCODED and all(job.uploaded):
+            job.advance(JobState.UPLOADED)
+
+    async def _hold_for_pace(self, job: Job) -> None:
+        """Submitting faster than the horde believes possible gets a worker flagged; wait instead."""
+        if job.fault_reason is not None:
+            return
+        p = job.pop.payload
+        earliest = job.popped_at + (p.width * p.height * p.ddim_steps / 1e6) / SUSPICIOUS_MPS * 1.05
+        delay = earliest - time.time()
+        if delay > 0:
+            logger.debug("job {} held {:.2f}s so that it does not look impossibly fast", job.id, delay)
+            await asyncio.sleep(delay)
+
+    async def _submit(self, job: Job) -> None:
+        answered_ok, deadline = 0, time.monotonic() + self.submit_patience
+        for index, job_id in enumerate(job.ids):
+            if job_id in job.submitted_ids:
+                continue
+            body = jobspec.submit_body(job, index)
+            attempt = 0
+            while True:
+                try:
+                    outcome, reward = await asyncio.to_thread(
+                        self.client.submit, body, RetryPolicy(attempts=4, base_delay=0.5, max_delay=10))
+                    break
+                except HordeUnreachable as exc:
+                    attempt += 1
+                    if time.monotonic() > deadline:
+                        logger.error("submit of {} keeps failing ({}); kept on disk for the next start", job_id, exc)
+                        self._forget(job, keep_journal=True)
+                        return
+                    await asyncio.sleep(min(60.0, 2**attempt * random.uniform(0.5, 1.0)))
+                except HordeError as exc:
+                    logger.error("submit of {} refused: {}", job_id, exc)
+                    outcome, reward = SubmitOutcome.INVALID_ID, 0.0
+                    break
+            job.submitted_ids.add(job_id)
+            if outcome in (SubmitOutcome.ACCEPTED, SubmitOutcome.DUPLICATE):
+                answered_ok += 1
+                job.reward += reward
+                self.stats.kudos += reward
+            else:
+                logger.warning("job {} was {} by the horde: it was not credited", job_id,
+                               "aborted (too slow)" if outcome is SubmitOutcome.ABORTED else "unknown")
+            await asyncio.to_thread(self.journal.record, job)
+        if job.fault_reason is not None:
+            self.stats.jobs_faulted += 1
+            job.advance(JobState.SUBMITTED)
+        elif answered_ok:
+            self.stats.jobs_done += 1
+            self.stats.images += answered_ok
+            job.advance(JobState.SUBMITTED)
+            logger.info("job {} submitted: {} image(s), {:.2f} kudos", job.id, answered_ok, job.reward)
+        else:
+            self.stats.jobs_abandoned += 1
+            job.advance(JobState.ABANDONED)
+        self._forget(job)
+
+    def _forget(self, job: Job, keep_journal: bool = False) -> None:
+        if not keep_journal:
+            self.journal.forget(job)
+        self.scheduler.remove(job)
+        self.jobs.pop(job.id, None)
+        self._poke()
+
+    # --- status ------------------------------------------------------------------------------
+
+    def status_text(self) -> str:
+        """The live status line."""
+        running = [j for j in self.jobs.values() if j.state is JobState.RUNNING]
+        current = ""
+        if running:
+            step, total = running[0].progress
+            current = f" | running {running[0].model} {step}/{total}"
+        queued = sum(1 for j in self.jobs.values() if j.state in (JobState.QUEUED, JobState.INPUTS_READY))
+        s = self.stats
+        return (f"jobs {s.jobs_done} done, {s.jobs_faulted} faulted | queue {queued}{current} | "
+                f"kudos {s.kudos:.1f} ({s.kudos_per_hour:.0f}/hr) | {s.megapixelsteps_per_second:.2f} MPS/s")

@@ -1,0 +1,48 @@
+"""Session figures: jobs, kudos, kudos per hour, megapixelsteps per second, busy share."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+
+@dataclass
+class SessionStats:
+    """Counters of this run of the worker."""
+
+    started_at: float = field(default_factory=time.time)
+    first_job_at: float | None = None
+    jobs_done: int = 0
+    jobs_faulted: int = 0
+    jobs_abandoned: int = 0
+    images: int = 0
+    kudos: float = 0.0
+    megapixelsteps: float = 0.0
+    inference_seconds: float = 0.0
+
+    def job_started(self) -> None:
+        if self.first_job_at is None:
+            self.first_job_at = time.time()
+
+    def job_generated(self, megapixelsteps: float, seconds: float) -> None:
+        self.megapixelsteps += megapixelsteps
+        self.inference_seconds += seconds
+
+    @property
+    def kudos_per_hour(self) -> float:
+        hours = (time.time() - self.started_at) / 3600
+        return self.kudos / hours if hours > 0 else 0.0
+
+    @property
+    def megapixelsteps_per_second(self) -> float:
+        """Work done over the wall time since the first job started."""
+        if self.first_job_at is None:
+            return 0.0
+        elapsed = time.time() - self.first_job_at
+        return self.megapixelsteps / elapsed if elapsed > 0 else 0.0
+
+    def summary(self) -> str:
+        """One line for the end of a run."""
+        return (f"summary: jobs={self.jobs_done} faulted={self.jobs_faulted} abandoned={self.jobs_abandoned} "
+                f"images={self.images} megapixelsteps/s={self.megapixelsteps_per_second:.2f} "
+                f"kudos={self.kudos:.2f}")

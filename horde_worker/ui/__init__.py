@@ -1,0 +1,1 @@
+"""What the volunteer sees: logs and the live status line."""
