@@ -71,6 +71,8 @@ def _console_sink():
     from rich.text import Text
 
     console = Console(stderr=True)
+    if not console.is_terminal:  # a file or pipe: plain lines, never wrapped
+        return console, sys.stderr
 
     def sink(message) -> None:
         console.print(Text.from_ansi(str(message)), end="")

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 # The model name the local demo horde and its workers use for the tiny SD1.5-class model.
 DEMO_MODEL_NAME = "horde-worker-tiny-sd15"
 DEMO_MODEL_FILE = "horde-worker-tiny-sd15.safetensors"
@@ -18,6 +16,7 @@ DEMO_MODEL_FILE = "horde-worker-tiny-sd15.safetensors"
 
 def tiny_sd15_components(seed: int = 0):
     """Return (unet, vae, text_encoder) of SD1.5's architecture with tiny widths and random weights."""
+    import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -73,8 +72,17 @@ def write_tiny_sd15_checkpoint(path: Path, seed: int = 0) -> Path:
 
 
 def ensure_demo_model(models_dir: Path) -> Path:
-    """The demo model's file under `models_dir`, created on first use."""
+    """The demo model's file under `models_dir`, created on first use.
+
+    It is built in a short-lived child process, so that the supervisor never imports torch.
+    """
+    import multiprocessing as mp
+
     path = Path(models_dir) / "compvis" / DEMO_MODEL_FILE
     if not path.exists():
-        write_tiny_sd15_checkpoint(path)
+        process = mp.get_context("spawn").Process(target=write_tiny_sd15_checkpoint, args=(path,))
+        process.start()
+        process.join()
+        if process.exitcode != 0 or not path.exists():
+            raise RuntimeError(f"could not create the demo model at {path} (exit code {process.exitcode})")
     return path

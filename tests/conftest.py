@@ -1,0 +1,108 @@
+"""Shared fixtures: tiny real-architecture models, a local horde, a worker started as a real process."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+from horde_worker.inference.tiny import DEMO_MODEL_NAME, ensure_demo_model
+from horde_worker.localhorde import LocalHorde, ServerOptions
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def model_cache(tmp_path_factory) -> Path:
+    """A cache_home with the tiny demo checkpoint in its compvis/ folder."""
+    cache = tmp_path_factory.mktemp("cache")
+    ensure_demo_model(cache)
+    return cache
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(model_cache) -> Path:
+    return model_cache / "compvis" / "horde-worker-tiny-sd15.safetensors"
+
+
+@pytest.fixture
+def local_horde() -> Iterator[LocalHorde]:
+    horde = LocalHorde([DEMO_MODEL_NAME], options=ServerOptions(sweep_interval=1.0)).start()
+    yield horde
+    horde.stop()
+
+
+def wait_for(condition: Callable[[], bool], timeout: float, what: str, interval: float = 1.0) -> None:
+    """Poll until `condition()` holds, or fail the test naming `what`."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if condition():
+            return
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+class WorkerProcess:
+    """The worker started with `python -m horde_worker` in its own folder."""
+
+    def __init__(self, folder: Path, settings: dict, extra_args: list[str] | None = None) -> None:
+        self.folder = folder
+        (folder / "bridgeData.yaml").write_text(yaml.safe_dump(settings))
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "HORDE_WORKER_CPU_THREADS": "2"}
+        env = {k: v for k, v in env.items() if not k.startswith("AIWORKER_")}
+        self.log = open(folder / "worker.out", "w")  # noqa: SIM115
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "horde_worker", "--device", "cpu", *(extra_args or [])],
+            cwd=folder, env=env, stdout=self.log, stderr=subprocess.STDOUT,
+        )
+
+    def output(self) -> str:
+        self.log.flush()
+        return (self.folder / "worker.out").read_text(errors="replace")
+
+    def interrupt(self) -> None:
+        self.process.send_signal(signal.SIGINT)
+
+    def wait(self, timeout: float) -> int:
+        return self.process.wait(timeout=timeout)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=30)
+        self.log.close()
+
+
+@pytest.fixture
+def start_worker(tmp_path, model_cache) -> Iterator[Callable[..., WorkerProcess]]:
+    started: list[WorkerProcess] = []
+
+    def start(horde: LocalHorde, **overrides) -> WorkerProcess:
+        cache = tmp_path / "cache"
+        (cache / "compvis").mkdir(parents=True, exist_ok=True)
+        demo = model_cache / "compvis" / "horde-worker-tiny-sd15.safetensors"
+        target = cache / "compvis" / demo.name
+        if not target.exists():
+            os.link(demo, target)
+        settings = {
+            "horde_url": horde.url, "api_key": horde.api_key, "dreamer_name": "test-worker",
+            "models_to_load": [DEMO_MODEL_NAME], "cache_home": str(cache), "max_threads": 1,
+            "queue_size": 1, "max_batch": 4, "max_power": 8, "stats_output_frequency": 5,
+            "limited_console_messages": True,
+        }
+        settings.update(overrides)
+        worker = WorkerProcess(tmp_path, settings)
+        started.append(worker)
+        return worker
+
+    yield start
+    for worker in started:
+        worker.stop()

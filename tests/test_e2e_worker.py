@@ -1,0 +1,121 @@
+"""The worker as a real process against the local horde over real HTTP."""
+
+from __future__ import annotations
+
+import io
+import signal
+import time
+
+import numpy as np
+import psutil
+import requests
+from PIL import Image
+
+from horde_worker.localhorde import FaultPlan
+from tests.conftest import wait_for
+
+
+def post(horde, prompt: str, **params) -> str:
+    body = {"prompt": prompt, "params": {"steps": 4, "width": 256, "height": 256, "n": 1, **params},
+            "models": ["horde-worker-tiny-sd15"]}
+    answer = requests.post(f"{horde.url}/v2/generate/async", json=body, timeout=10)
+    assert answer.status_code == 202, answer.text
+    return answer.json()["id"]
+
+
+def status(horde, request_id: str) -> dict:
+    return requests.get(f"{horde.url}/v2/generate/status/{request_id}", timeout=10).json()
+
+
+def images_of(horde, request_id: str) -> list[tuple[dict, np.ndarray]]:
+    out = []
+    for gen in status(horde, request_id)["generations"]:
+        data = requests.get(gen["img"], timeout=10).content
+        assert data[:4] == b"RIFF" and data[8:12] == b"WEBP"
+        out.append((gen, np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))))
+    return out
+
+
+def test_batch_seed_and_ctrl_c_drain(local_horde, start_worker):
+    worker = start_worker(local_horde)
+    batch = post(local_horde, "a lighthouse ### fog", n=3, width=320, height=256, seed="1234")
+    wait_for(lambda: status(local_horde, batch)["done"], 180, "the n=3 request")
+    images = images_of(local_horde, batch)
+    assert len(images) == 3
+    assert all(img.shape == (256, 320, 3) for _, img in images)
+    pixels = [img.astype(int) for _, img in images]
+    assert np.abs(pixels[0] - pixels[1]).mean() > 5 and np.abs(pixels[1] - pixels[2]).mean() > 5
+    seeds = sorted(int(gen["seed"]) for gen, _ in images)
+    assert seeds == [1234, 1235, 1236]
+
+    # The seed submitted for an image regenerates that image when requested alone.
+    second = next(img for gen, img in images if gen["seed"] == "1235")
+    again = post(local_horde, "a lighthouse ### fog", width=320, height=256, seed="1235")
+    wait_for(lambda: status(local_horde, again)["done"], 120, "the single-seed request")
+    (gen, alone), = images_of(local_horde, again)
+    assert gen["seed"] == "1235"
+    assert np.abs(alone.astype(int) - second.astype(int)).mean() < 2.0
+
+    # Ctrl+C while a job runs: popping stops, the job is finished and submitted, exit 0.
+    slow = post(local_horde, "a slow one", steps=40, width=512, height=512)
+    wait_for(lambda: status(local_horde, slow)["processing"] == 1, 60, "the slow job to be popped")
+    worker.interrupt()
+    queued = post(local_horde, "arrives after Ctrl+C")
+    assert worker.wait(timeout=180) == 0, worker.output()
+    assert status(local_horde, slow)["done"], worker.output()
+    assert status(local_horde, queued)["waiting"] == 1  # never popped
+    assert worker.output().strip().splitlines()[-1].startswith("summary: jobs=")
+
+
+def test_killed_inference_process_is_replaced_and_job_answered(local_horde, start_worker):
+    worker = start_worker(local_horde)
+    request = post(local_horde, "a fox", steps=40, width=512, height=512)
+    wait_for(lambda: status(local_horde, request)["processing"] == 1, 90, "the job to be popped")
+
+    def inference_children() -> list[psutil.Process]:
+        children = psutil.Process(worker.process.pid).children(recursive=True)
+        return [c for c in children if "spawn_main" in " ".join(c.cmdline())]
+
+    wait_for(lambda: len(inference_children()) == 1 and "slot 0 ready" in worker.output(), 60,
+             "the inference process to take the job")
+    time.sleep(2)  # let it start sampling
+    victim = inference_children()[0]
+    victim.send_signal(signal.SIGKILL)
+    wait_for(lambda: status(local_horde, request)["done"], 240, "the job after the kill")
+    (gen, img), = images_of(local_horde, request)
+    assert img.shape == (512, 512, 3)
+    output = worker.output()
+    assert "died (exit code -9)" in output and "runs again" in output
+    new_children = inference_children()
+    assert new_children and new_children[0].pid != victim.pid
+
+
+def test_injected_faults_lose_nothing_and_duplicate_nothing(local_horde, start_worker):
+    local_horde.set_faults({
+        "pop": FaultPlan(rate=0.3, kinds=("500", "503", "429", "reset")),
+        "upload": FaultPlan(rate=0.4, kinds=("500", "503", "429", "reset", "reset_after")),
+        "submit": FaultPlan(rate=0.4, kinds=("500", "503", "429", "reset", "reset_after")),
+    })
+    worker = start_worker(local_horde)
+    ids = [post(local_horde, f"picture {i}", n=2, seed=str(100 + i)) for i in range(4)]
+    wait_for(lambda: all(status(local_horde, r)["done"] for r in ids), 240, "every request under faults")
+    counters = local_horde.state.counters()
+    done = [g for g, s in counters["states"].items() if s == "done"]
+    assert len(done) == 8
+    assert all(counters["accepted_per_generation"][g] == 1 for g in done)
+    for request_id in ids:
+        for _gen, img in images_of(local_horde, request_id):
+            assert img.shape == (256, 256, 3) and img.std() > 1
+    injected = dict(local_horde.faults_injected)
+    assert sum(v for k, v in injected.items() if k.startswith("submit")) > 0, injected
+    assert sum(v for k, v in injected.items() if k.startswith("upload")) > 0, injected
+    worker.interrupt()
+    assert worker.wait(timeout=60) == 0
+
+
+def test_bad_bridge_data_fails_fast_naming_the_key(local_horde, start_worker):
+    worker = start_worker(local_horde, max_threads="many")
+    code = worker.wait(timeout=60)
+    assert code == 2
+    output = worker.output()
+    assert "max_threads" in output and "'many'" in output and "valid integer" in output
