@@ -99,7 +99,7 @@ class BridgeData(BaseModel):
     require_upfront_kudos: bool = False
     priority_usernames: list[str] = Field(default_factory=list)
 
-    civitai_api_token: str | None = None
+    civitai_api_token: str = ""
     max_lora_cache_size: int = Field(10, ge=1)
     purge_loras_on_download: bool = False
 

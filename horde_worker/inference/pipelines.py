@@ -42,6 +42,8 @@ class LoadedModel:
     baseline: str
     pipeline: Any
     load_seconds: float
+    # The training noise schedule; every job's sampler starts from it, not from the last job's.
+    scheduler_config: dict[str, Any]
 
 
 def load_pipeline(path: Path, device: torch.device, dtype: torch.dtype, name: str = "") -> LoadedModel:
@@ -87,7 +89,7 @@ def load_pipeline(path: Path, device: torch.device, dtype: torch.dtype, name: st
     pipe = pipe.to(device=device, dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
     return LoadedModel(name=name or path.stem, baseline=baseline, pipeline=pipe,
-                       load_seconds=time.perf_counter() - start)
+                       load_seconds=time.perf_counter() - start, scheduler_config=dict(pipe.scheduler.config))
 
 
 def split_prompt(prompt: str) -> tuple[str, str]:
@@ -104,8 +106,7 @@ def txt2img(
     """Generate `len(request.seeds)` images; image i depends only on seed i, so any one of them is
     regenerated exactly by a job with that seed alone."""
     pipe = model.pipeline
-    base = dict(pipe.scheduler.config)
-    pipe.scheduler = make_scheduler(request.sampler_name, request.karras, base)
+    pipe.scheduler = make_scheduler(request.sampler_name, request.karras, model.scheduler_config)
 
     count = len(request.seeds)
     # CPU generators make a seed give the same noise on every device.

@@ -55,7 +55,8 @@ def make_scheduler(sampler_name: str, karras: bool, base_config: dict[str, Any])
     if spec is None:
         raise UnsupportedSampler(f"sampler {sampler_name!r} is not implemented by this worker")
     cls = getattr(diffusers, spec.scheduler_class)
-    config = dict(base_config)
+    # Private keys such as `_use_default_values` would make diffusers drop the options set below.
+    config = {k: v for k, v in base_config.items() if not k.startswith("_")}
     config.update(spec.options)
     if karras and spec.supports_karras:
         config["use_karras_sigmas"] = True

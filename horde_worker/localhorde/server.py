@@ -75,10 +75,12 @@ class LocalHorde:
     """A horde on loopback that plays the real server by the contract."""
 
     def __init__(self, models: list[str], *, host: str = "127.0.0.1", port: int = 0, owner_key: str | None = None,
-                 min_ttl: int = 150, options: ServerOptions | None = None, flux_models: set[str] | None = None) -> None:
+                 min_ttl: int = 150, options: ServerOptions | None = None, flux_models: set[str] | None = None,
+                 fixed_ttl: int | None = None) -> None:
         if host not in ("127.0.0.1", "localhost", "::1"):
             raise ValueError("the local horde only listens on loopback")
-        self.state = HordeState(models, owner_key=owner_key, min_ttl=min_ttl, flux_models=flux_models)
+        self.state = HordeState(models, owner_key=owner_key, min_ttl=min_ttl, flux_models=flux_models,
+                                fixed_ttl=fixed_ttl)
         self.options = options or ServerOptions()
         self.faults: dict[str, FaultPlan] = {}
         self._fault_random = random.Random(self.options.fault_seed)
@@ -182,7 +184,7 @@ class LocalHorde:
         if method == "GET" and route == "find_user":
             return 200, state.find_user(apikey), "application/json"
         if method == "POST" and route == "generate/async":
-            return 202, state.add_request(body or {}), "application/json"
+            return 202, state.add_request(body or {}, apikey), "application/json"
         if method == "GET" and parts[:2] == ["generate", "status"] and len(parts) == 3:
             return 200, state.status(parts[2], base), "application/json"
         if method == "GET" and parts[:2] == ["generate", "check"] and len(parts) == 3:

@@ -108,6 +108,7 @@ class ImageRequest:
     body: dict[str, Any]
     created: float
     pending: int
+    owner_key: str = ANONYMOUS_KEY
     seed_counter: int = 0
     restarted: int = 0
     faulted: bool = False
@@ -143,13 +144,14 @@ class HordeState:
     """All state of the local horde. Every public method takes the lock."""
 
     def __init__(self, models: list[str], owner_key: str | None = None, min_ttl: int = 150,
-                 flux_models: set[str] | None = None, seed: int | None = None) -> None:
+                 flux_models: set[str] | None = None, seed: int | None = None, fixed_ttl: int | None = None) -> None:
         self.lock = threading.RLock()
         self.models = list(models)
         self.flux_models = set(flux_models or ())
         self.owner_key = owner_key or secrets.token_urlsafe(16)
         self.users = {self.owner_key: {"username": "local_owner#1", "id": 1, "kudos": 0.0}}
         self.min_ttl = min_ttl
+        self.fixed_ttl = fixed_ttl  # tests: every job gets this TTL instead of the formula's
         self.requests: dict[str, ImageRequest] = {}
         self.generations: dict[str, Generation] = {}
         self.workers: dict[str, Worker] = {}
@@ -180,7 +182,7 @@ class HordeState:
 
     # --- requests ------------------------------------------------------------------------
 
-    def add_request(self, body: dict[str, Any]) -> dict[str, Any]:
+    def add_request(self, body: dict[str, Any], apikey: str | None = None) -> dict[str, Any]:
         """POST /v2/generate/async."""
         with self.lock:
             prompt = body.get("prompt")
@@ -199,7 +201,7 @@ class HordeState:
                                           errors={f"params.{key}": f"{value} is not a multiple of 64 in 64..3072"})
             models = body.get("models") or list(self.models)
             request = ImageRequest(id=str(uuid.uuid4()), body={**body, "params": params, "models": models},
-                                   created=time.time(), pending=n)
+                                   created=time.time(), pending=n, owner_key=apikey or ANONYMOUS_KEY)
             for key in ("source_image", "source_mask"):
                 value = body.get(key)
                 if value and not str(value).startswith("http"):
@@ -240,6 +242,9 @@ class HordeState:
             skipped = dict.fromkeys(SKIP_KEYS, 0)
             for request in self.requests.values():
                 if request.pending <= 0 or request.faulted:
+                    continue
+                if worker.maintenance and request.owner_key != worker.owner_key:
+                    skipped["worker_id"] += request.pending  # in maintenance only the owner's own requests
                     continue
                 reason = self._unsuitable(request, body, models)
                 if reason:
@@ -331,7 +336,7 @@ class HordeState:
             seed = str(base_int + int(params.get("seed_variation") or 0) * request.seed_counter)
         else:
             seed = str(self.random.randrange(2**32))
-        ttl = job_ttl(params, model in self.flux_models, worker.extra_slow, self.min_ttl)
+        ttl = self.fixed_ttl or job_ttl(params, model in self.flux_models, worker.extra_slow, self.min_ttl)
         ids = []
         for _ in range(count):
             gen = Generation(id=str(uuid.uuid4()), request_id=request.id, worker_id=worker.id, worker_name=worker.name,

@@ -1,0 +1,100 @@
+"""bridgeData.yaml: the template, validation messages, AIWORKER_* overrides, live reload."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+import yaml
+
+from horde_worker.config import ConfigError, ConfigWatcher, load_config
+from horde_worker.config.bridge_data import BridgeData
+from tests.conftest import REPO
+
+REGEN_KEYS = """allow_controlnet allow_lora allow_painting allow_post_processing allow_sdxl_controlnet allow_unsafe_ip
+api_key blacklist cache_home censor_nsfw censorlist civitai_api_token dreamer_name exit_on_unhandled_faults
+extra_slow_worker high_memory_mode high_performance_mode horde_url limit_max_steps limited_console_messages
+load_large_models max_batch max_lora_cache_size max_power max_threads models_to_load models_to_skip
+moderate_performance_mode nsfw post_process_job_overlap priority_usernames purge_loras_on_download queue_size
+ram_to_leave_free remove_maintenance_on_init require_upfront_kudos safety_on_gpu stats_output_frequency
+unload_models_from_vram_often very_fast_disk_mode vram_to_leave_free custom_models allow_img2img""".split()
+
+
+def test_template_documents_every_regen_key_and_validates():
+    text = (REPO / "bridgeData_template.yaml").read_text()
+    data = yaml.safe_load(text)
+    missing = [key for key in REGEN_KEYS if key not in data]
+    assert not missing
+    loaded = load_config(REPO / "bridgeData_template.yaml", environ={})
+    assert not [n for n in loaded.notices if "unknown key" in n]
+    assert loaded.data.max_pixels == 64 * 64 * 8 * loaded.data.max_power
+
+
+@pytest.mark.parametrize(("key", "value", "expected"), [
+    ("max_threads", "many", "max_threads = 'many': Input should be a valid integer"),
+    ("max_batch", 50, "max_batch = 50: Input should be less than or equal to 20"),
+    ("nsfw", "perhaps", "nsfw = 'perhaps': Input should be a valid boolean"),
+    ("priority_usernames", ["db0"], "must be written as alias#id"),
+    ("ram_to_leave_free", "lots", "must be a percentage such as '80%'"),
+    ("horde_url", "aihorde.net", "must be an http(s) URL"),
+])
+def test_wrong_values_name_the_key_value_and_what_is_allowed(tmp_path, key, value, expected):
+    path = tmp_path / "bridgeData.yaml"
+    path.write_text(yaml.safe_dump({"api_key": "k", key: value}))
+    with pytest.raises(ConfigError) as err:
+        load_config(path, environ={})
+    assert expected in str(err.value) and str(path) in str(err.value)
+
+
+def test_api_key_value_is_never_echoed_in_errors(tmp_path):
+    path = tmp_path / "bridgeData.yaml"
+    path.write_text("api_key: [not, a, string]\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path, environ={})
+    assert "api_key" in str(err.value) and "not" not in str(err.value).split("api_key", 1)[1].split(":", 1)[0]
+
+
+def test_not_yaml_mapping_is_refused(tmp_path):
+    path = tmp_path / "bridgeData.yaml"
+    path.write_text("- just\n- a list\n")
+    with pytest.raises(ConfigError, match="must be a mapping"):
+        load_config(path, environ={})
+
+
+def test_env_overrides_file_and_cli_overrides_env(tmp_path):
+    path = tmp_path / "bridgeData.yaml"
+    path.write_text(yaml.safe_dump({"api_key": "file", "max_threads": 1, "dreamer_name": "file-name"}))
+    env = {"AIWORKER_MAX_THREADS": "2", "AIWORKER_MODELS_TO_LOAD": "Deliberate, stable_diffusion",
+           "AIWORKER_NSFW": "false", "AIWORKER_API_KEY": "0123456789", "AIWORKER_DREAMER_NAME": "env-name"}
+    loaded = load_config(path, {"dreamer_name": "cli-name"}, environ=env)
+    assert loaded.data.max_threads == 2 and loaded.data.nsfw is False
+    assert loaded.data.models_to_load == ["Deliberate", "stable_diffusion"]
+    assert loaded.data.api_key == "0123456789" and loaded.data.dreamer_name == "cli-name"
+
+
+def test_unknown_and_not_yet_honoured_keys_are_reported(tmp_path):
+    path = tmp_path / "bridgeData.yaml"
+    path.write_text(yaml.safe_dump({"api_key": "k", "max_thread": 2, "allow_lora": True, "censor_nsfw": True}))
+    notices = load_config(path, environ={}).notices
+    assert any("unknown key 'max_thread'" in n for n in notices)
+    assert any(n.startswith("allow_lora is set but not acted on yet") for n in notices)
+    assert any(n.startswith("censor_nsfw is set but not acted on yet") for n in notices)
+
+
+def test_empty_models_to_load_means_top_two():
+    assert BridgeData(models_to_load=[]).models_to_load == ["TOP 2"]
+
+
+def test_watcher_applies_live_keys_and_flags_restart_keys(tmp_path):
+    path = tmp_path / "bridgeData.yaml"
+    path.write_text(yaml.safe_dump({"api_key": "k", "nsfw": True, "max_threads": 1}))
+    watcher = ConfigWatcher(load_config(path, environ={}))
+    assert watcher.poll() == ({}, [])
+    path.write_text(yaml.safe_dump({"api_key": "k", "nsfw": False, "max_threads": 2, "blacklist": ["x"]}))
+    stamp = time.time() + 5
+    os.utime(path, (stamp, stamp))
+    applied, restart = watcher.poll()
+    assert applied == {"nsfw": False, "blacklist": ["x"]}
+    assert watcher.current.data.nsfw is False and watcher.current.data.max_threads == 1
+    assert restart == [f"max_threads changed in {path}: restart the worker to apply it"]

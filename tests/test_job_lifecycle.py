@@ -1,0 +1,124 @@
+"""The job state machine, the scheduler, the journal and the pop-to-submit mapping, without a GPU."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from horde_worker.horde.wire import GenMetadata, PopResponse
+from horde_worker.supervisor import jobspec
+from horde_worker.supervisor.job import IllegalTransition, Job, JobState
+from horde_worker.supervisor.journal import Journal
+from horde_worker.supervisor.scheduler import Scheduler
+
+
+def make_job(model: str = "m1", ids: int = 1, seed: str = "100", popped_at: float | None = None,
+             ttl: int = 150) -> Job:
+    pop = PopResponse.model_validate({
+        "id": f"{model}-{time.monotonic_ns()}", "ids": [f"{model}-{time.monotonic_ns()}-{i}" for i in range(ids)],
+        "model": model, "ttl": ttl, "payload": {"prompt": "a ### b", "seed": seed, "n_iter": ids},
+        "r2_uploads": [f"http://127.0.0.1/r2/{i}" for i in range(ids)],
+    })
+    return Job(pop=pop, popped_at=time.time() if popped_at is None else popped_at)
+
+
+def test_happy_path_and_illegal_moves():
+    job = make_job()
+    for state in (JobState.INPUTS_READY, JobState.QUEUED, JobState.RUNNING, JobState.GENERATED, JobState.ENCODED,
+                  JobState.UPLOADED, JobState.SUBMITTED):
+        job.advance(state)
+    assert [s for _, s in job.history][-1] is JobState.SUBMITTED
+    with pytest.raises(IllegalTransition):
+        job.advance(JobState.FAULTED)
+    fresh = make_job()
+    with pytest.raises(IllegalTransition, match="popped -> running"):
+        fresh.advance(JobState.RUNNING)
+
+
+def test_fault_from_any_unfinished_state_and_rerun_after_slot_death():
+    job = make_job()
+    job.advance(JobState.INPUTS_READY)
+    job.advance(JobState.QUEUED)
+    job.advance(JobState.RUNNING)
+    job.advance(JobState.QUEUED)  # the slot died: runs again
+    job.advance(JobState.RUNNING)
+    job.advance(JobState.FAULTED, "boom")
+    assert job.fault_reason == "boom"
+    job.advance(JobState.SUBMITTED)
+
+
+def queued(scheduler: Scheduler, job: Job) -> Job:
+    job.advance(JobState.INPUTS_READY)
+    scheduler.add(job)
+    return job
+
+
+def test_scheduler_prefers_resident_models_but_never_starves():
+    scheduler = Scheduler(max_skips=2)
+    old = queued(scheduler, make_job("cold"))
+    hot = [queued(scheduler, make_job("hot")) for _ in range(4)]
+    assert scheduler.pick(["hot"]) is hot[0]
+    assert scheduler.pick(["hot"]) is hot[1]
+    assert scheduler.pick(["hot"]) is old  # passed over twice: its turn now
+    assert scheduler.pick(["hot"]) is hot[2]
+
+
+def test_scheduler_runs_a_job_whose_ttl_is_half_gone_first():
+    scheduler = Scheduler(max_skips=10)
+    old = queued(scheduler, make_job("cold", popped_at=time.time() - 100, ttl=150))
+    queued(scheduler, make_job("hot"))
+    assert scheduler.pick(["hot"]) is old
+
+
+def test_seeds_are_consecutive_from_the_pops_string_seed():
+    job = make_job(ids=3, seed="4294967295")
+    assert jobspec.seeds_for(job.pop.payload, 3) == [4294967295, 0, 1]
+    words = make_job(seed="my lucky words").pop.payload
+    assert jobspec.seeds_for(words, 1) == jobspec.seeds_for(words, 1)
+
+
+def test_submit_body_uses_r2_or_base64_and_integer_seed():
+    job = make_job(ids=2, seed="7")
+    job.seeds = [7, 8]
+    job.webp = [b"RIFF0000WEBPdata0", b"RIFF0000WEBPdata1"]
+    job.uploaded = [True, False]
+    first, second = jobspec.submit_body(job, 0).to_wire(), jobspec.submit_body(job, 1).to_wire()
+    assert first == {"id": job.ids[0], "generation": "R2", "seed": 7, "state": "ok"}
+    assert second["generation"] != "R2" and second["seed"] == 8
+    job.fault_reason = "no"
+    job.gen_metadata = [GenMetadata(type="source_image", value="download_failed")]
+    faulted = jobspec.submit_body(job, 0).to_wire()
+    assert faulted["state"] == "faulted"
+    assert faulted["gen_metadata"] == [{"type": "source_image", "value": "download_failed"}]
+
+
+def test_journal_keeps_finished_images_until_forgotten(tmp_path):
+    journal = Journal(tmp_path)
+    job = make_job(ids=2)
+    job.seeds = [100, 101]
+    job.webp = [b"one", b"two"]
+    job.uploaded = [True, False]
+    job.submitted_ids = {job.ids[0]}
+    for state in (JobState.INPUTS_READY, JobState.QUEUED, JobState.RUNNING, JobState.GENERATED, JobState.ENCODED):
+        job.advance(state)
+    journal.record(job)
+    (restored,) = Journal(tmp_path).pending()
+    assert restored.ids == job.ids and restored.webp == [b"one", b"two"] and restored.state is JobState.ENCODED
+    assert restored.submitted_ids == {job.ids[0]} and restored.uploaded == [True, False]
+    journal.forget(job)
+    assert Journal(tmp_path).pending() == []
+
+
+def test_unsupported_requests_are_named():
+    from pathlib import Path
+
+    from horde_worker.models.catalog import ModelCatalog, ServedModel
+
+    catalog = ModelCatalog([ServedModel("m1", Path("x"), "stable_diffusion_1")])
+    job = make_job()
+    assert jobspec.unsupported_reason(job, catalog) is None
+    job.pop.payload.sampler_name = "k_made_up"
+    assert "k_made_up" in jobspec.unsupported_reason(job, catalog)
+    other = make_job(model="m2")
+    assert "not served" in jobspec.unsupported_reason(other, catalog)
