@@ -70,9 +70,20 @@ def run_local(settings: BridgeData, args, devices: list[str], console) -> int:
         threading.Thread(target=feed_samples_forever, args=(horde, DEMO_MODEL_NAME, stop_feeding),
                          daemon=True).start()
     client = HordeClient(horde.url, horde.api_key, retry=RetryPolicy(attempts=5, base_delay=0.2, max_delay=2))
+
+    def finished() -> bool:
+        if horde.state.all_done():
+            return True
+        left_out = horde.state.unservable(settings.dreamer_name)
+        for request_id, reason in left_out.items():
+            position = request_ids.index(request_id) + 1 if request_id in request_ids else "?"
+            logger.warning("request {} was never handed to this worker: the local horde skipped it for '{}' "
+                           "(a capability this worker does not offer, or a setting of yours)", position, reason)
+        return bool(left_out)
+
     try:
         code = run_supervisor(settings, client, catalog, devices, args, console,
-                              stop_condition=horde.state.all_done if finite else None, pop_interval=0.2)
+                              stop_condition=finished if finite else None, pop_interval=0.2)
         if args.out and code == 0:
             collect_results(horde, request_ids, args.out)
     finally:

@@ -333,7 +333,11 @@ class HordeState:
         if params.get("seed") is not None:
             base = str(params["seed"])
             base_int = int(base) if base.isdigit() else abs(hash(base)) % 2**32
-            seed = str(base_int + int(params.get("seed_variation") or 0) * request.seed_counter)
+            if params.get("seed_variation"):  # as recorded: 42 with variation 3 is popped as 45
+                seed = str(base_int + int(params["seed_variation"]) * request.seed_counter)
+            else:  # later pops continue where the last batch's seed + i left off
+                handed_out = int(params.get("n", 1)) - request.pending
+                seed = str((base_int + handed_out) % 2**32)
         else:
             seed = str(self.random.randrange(2**32))
         ttl = self.fixed_ttl or job_ttl(params, model in self.flux_models, worker.extra_slow, self.min_ttl)
@@ -517,6 +521,26 @@ class HordeState:
                             "jobs": float(sum(r.pending for r in queued)), "performance": 0.0,
                             "queued": float(sum(r.pending * int(r.params.get("width", 512))
                                                 * int(r.params.get("height", 512)) for r in queued))})
+            return out
+
+    def unservable(self, worker_name: str) -> dict[str, str]:
+        """Requests with images left that the named worker, as it last popped, will never be handed:
+        request id -> why. Empty while anything it can take is waiting or being processed."""
+        with self.lock:
+            worker = next((w for w in self.workers.values() if w.name == worker_name), None)
+            if worker is None:
+                return {}
+            body = {**worker.settings, "models": worker.models}
+            out = {}
+            for request in self.requests.values():
+                if request.faulted or request.pending <= 0:
+                    continue
+                reason = self._unsuitable(request, body, worker.models)
+                if reason is None:
+                    return {}
+                out[request.id] = reason
+            if any(g.state == "processing" for g in self.generations.values()):
+                return {}
             return out
 
     def all_done(self) -> bool:

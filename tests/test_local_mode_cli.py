@@ -1,0 +1,63 @@
+"""The README's local-mode commands, run as a volunteer would run them."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import subprocess
+
+from PIL import Image
+
+from tests.conftest import REPO
+
+
+def run_bridge(tmp_path, model_cache, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AIWORKER_")}
+    env.update({"AIWORKER_CACHE_HOME": str(model_cache), "HORDE_WORKER_DEVICE": "cpu", "PYTHONUNBUFFERED": "1"})
+    return subprocess.run([str(REPO / "horde-bridge.sh"), "--log-dir", str(tmp_path / "logs"), *args],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_local_jobs_serves_samples_and_ends_with_a_summary(tmp_path, model_cache):
+    result = run_bridge(tmp_path, model_cache, "--local", "--jobs", "2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    last = result.stdout.strip().splitlines()[-1]
+    assert last.startswith("summary: jobs=2 ") and "images=2" in last and "megapixelsteps/s=" in last
+    assert "LOCAL MODE" in result.stderr
+    assert (tmp_path / "logs" / "bridge.log").read_text().count("submitted: 1 image(s)") == 2
+
+
+def test_local_requests_file_is_replayed_into_out(tmp_path, model_cache):
+    png = io.BytesIO()
+    Image.new("RGB", (64, 64), "red").save(png, format="PNG")
+    requests_file = tmp_path / "requests.json"
+    requests_file.write_text(json.dumps([
+        {"prompt": "a red square ### blue", "params": {"n": 2, "steps": 3, "width": 192, "height": 128,
+                                                      "seed": "77", "sampler_name": "k_euler"}},
+        {"prompt": "an unsupported img2img", "source_image": base64.b64encode(png.getvalue()).decode(),
+         "params": {"n": 1, "steps": 3, "width": 128, "height": 128}},
+    ]))
+    out = tmp_path / "out"
+    result = run_bridge(tmp_path, model_cache, "--local", "--requests", str(requests_file), "--out", str(out),
+                        "--name", "replayer")
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert len(results) == 2
+    first = results[0]
+    assert first["done"] and [g["seed"] for g in first["generations"]] == ["77", "78"]
+    for gen in first["generations"]:
+        assert (gen["width"], gen["height"]) == (192, 128) and gen["state"] == "ok"
+        assert gen["model"] == "horde-worker-tiny-sd15"
+        with Image.open(out / gen["file"]) as image:
+            assert image.format == "WEBP" and image.size == (192, 128)
+    # The worker tells the horde it does no img2img, so that request is never handed to it.
+    assert results[1]["generations"] == [] and not results[1]["done"]
+
+
+def test_bad_requests_file_is_a_clear_error(tmp_path, model_cache):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"prompt": "not a list"}')
+    result = run_bridge(tmp_path, model_cache, "--local", "--requests", str(bad))
+    assert result.returncode == 2 and "must be a JSON list" in result.stderr
