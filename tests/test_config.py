@@ -12,7 +12,17 @@ from horde_worker.config import ConfigError, ConfigWatcher, load_config
 from horde_worker.config.bridge_data import BridgeData
 from tests.conftest import REPO
 
-REGEN_KEYS = ["allow_controlnet", "allow_lora", "allow_painting", "allow_post_processing", "allow_sdxl_controlnet", "allow_unsafe_ip", "api_key", "blacklist", "cache_home", "censor_nsfw", "censorlist", "civitai_api_token", "dreamer_name", "exit_on_unhandled_faults", "extra_slow_worker", "high_memory_mode", "high_performance_mode", "horde_url", "limit_max_steps", "limited_console_messages", "load_large_models", "max_batch", "max_lora_cache_size", "max_power", "max_threads", "models_to_load", "models_to_skip", "moderate_performance_mode", "nsfw", "post_process_job_overlap", "priority_usernames", "purge_loras_on_download", "queue_size", "ram_to_leave_free", "remove_maintenance_on_init", "require_upfront_kudos", "safety_on_gpu", "stats_output_frequency", "unload_models_from_vram_often", "very_fast_disk_mode", "vram_to_leave_free", "custom_models", "allow_img2img"]
+REGEN_KEYS = [
+    "allow_controlnet", "allow_lora", "allow_painting", "allow_post_processing", "allow_sdxl_controlnet",
+    "allow_unsafe_ip", "api_key", "blacklist", "cache_home", "censor_nsfw", "censorlist", "civitai_api_token",
+    "dreamer_name", "exit_on_unhandled_faults", "extra_slow_worker", "high_memory_mode", "high_performance_mode",
+    "horde_url", "limit_max_steps", "limited_console_messages", "load_large_models", "max_batch",
+    "max_lora_cache_size", "max_power", "max_threads", "models_to_load", "models_to_skip",
+    "moderate_performance_mode", "nsfw", "post_process_job_overlap", "priority_usernames",
+    "purge_loras_on_download", "queue_size", "ram_to_leave_free", "remove_maintenance_on_init",
+    "require_upfront_kudos", "safety_on_gpu", "stats_output_frequency", "unload_models_from_vram_often",
+    "very_fast_disk_mode", "vram_to_leave_free", "custom_models", "allow_img2img",
+]
 
 
 def test_template_documents_every_regen_key_and_validates():
