@@ -380,6 +380,7 @@ class Supervisor:
         elif answered_ok:
             self.stats.jobs_done += 1
             self.stats.images += answered_ok
+            self.stats.last_done_at = time.time()
             job.advance(JobState.SUBMITTED)
             logger.info("job {} submitted: {} image(s), {:.2f} kudos", job.id, answered_ok, job.reward)
         else:

@@ -19,6 +19,7 @@ class SessionStats:
     kudos: float = 0.0
     megapixelsteps: float = 0.0
     inference_seconds: float = 0.0
+    last_done_at: float | None = None
 
     def job_started(self) -> None:
         if self.first_job_at is None:

@@ -1,0 +1,1 @@
+"""Benchmarks of the real worker against plain diffusers."""

@@ -1,0 +1,181 @@
+"""`python -m horde_worker.bench`: the real worker on a fixed job mix, against the local horde.
+
+Prints seconds per image, megapixelsteps per second and the share of wall time the inference
+process was busy. `--compare-diffusers` times a plain diffusers pipeline of the same
+architecture and weights on the same jobs, in the same run, and prints the ratio. On a CPU the
+tiny demo model is used; `--full-size` builds SD1.5's full architecture with random weights
+(for a GPU: it runs at the speed of the real model).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from loguru import logger
+
+from horde_worker.bench.mix import job_mix
+
+FULL_SIZE_MODEL = "horde-worker-bench-sd15-full"
+
+
+def build_model(cache: Path, full_size: bool) -> tuple[str, Path]:
+    """The benchmark model's (name, checkpoint), written to the cache on first use."""
+    from horde_worker.inference.tiny import DEMO_MODEL_NAME, ensure_demo_model
+
+    if not full_size:
+        return DEMO_MODEL_NAME, ensure_demo_model(cache)
+    path = cache / "compvis" / f"{FULL_SIZE_MODEL}.safetensors"
+    if not path.exists():
+        from horde_worker.bench.fullsize import write_full_sd15_checkpoint
+
+        write_full_sd15_checkpoint(path)
+    return FULL_SIZE_MODEL, path
+
+
+def run_worker(model: str, checkpoint: Path, device: str, mix: list[dict[str, Any]], work_dir: Path) -> dict[str, Any]:
+    """Serve the job mix with the real supervisor and inference process; return the figures."""
+    from horde_worker.config.bridge_data import BridgeData
+    from horde_worker.horde.client import HordeClient, RetryPolicy
+    from horde_worker.inference.messages import SlotSpec
+    from horde_worker.localhorde import LocalHorde
+    from horde_worker.models.catalog import ModelCatalog, ServedModel
+    from horde_worker.supervisor.loop import Supervisor
+    from horde_worker.supervisor.stats import SessionStats
+
+    horde = LocalHorde([model]).start()
+    try:
+        # Warm-up: load the model and run one job before the clock starts.
+        warm = dict(mix[0])
+        warm["params"] = {**warm["params"], "n": 1}
+        for body in [warm]:
+            horde.state.add_request(body)
+        settings = BridgeData(horde_url=horde.url, api_key=horde.api_key, dreamer_name="bench-worker",
+                              max_batch=4, queue_size=1, max_power=64, models_to_load=[model])
+        client = HordeClient(horde.url, horde.api_key, retry=RetryPolicy(attempts=5, base_delay=0.1))
+        catalog = ModelCatalog([ServedModel(model, checkpoint, "stable_diffusion_1")])
+        specs = [SlotSpec(slot=0, device=device, log_dir=str(work_dir / "logs"))]
+        supervisor = Supervisor(settings, client, catalog, specs, work_dir / "journal", pop_interval=0.05)
+        timings: dict[str, Any] = {}
+
+        async def serve() -> None:
+            task = asyncio.get_running_loop().create_task(supervisor.run())
+            while supervisor.stats.images < 1:
+                await asyncio.sleep(0.05)
+            supervisor.stats = SessionStats()  # measure from here
+            started = time.time()
+            for body in mix:
+                horde.state.add_request(body)
+            supervisor.stop_condition = horde.state.all_done
+            await task
+            # From the first request to the last image acknowledged (the slot's shutdown is not work).
+            timings["wall"] = (supervisor.stats.last_done_at or time.time()) - started
+
+        asyncio.run(serve())
+    finally:
+        horde.stop()
+    stats = supervisor.stats
+    images = sum(b["params"].get("n", 1) for b in mix)
+    return {
+        "images": stats.images, "expected_images": images, "wall_seconds": timings["wall"],
+        "seconds_per_image": timings["wall"] / max(1, stats.images),
+        "megapixelsteps_per_second": stats.megapixelsteps / timings["wall"],
+        "inference_busy_share": stats.inference_seconds / timings["wall"],
+        "kudos": stats.kudos,
+    }
+
+
+def run_plain_diffusers(checkpoint: Path, device: str, mix: list[dict[str, Any]]) -> dict[str, Any]:
+    """The same jobs through a plain diffusers StableDiffusionPipeline call, one after the other."""
+    import torch
+
+    from horde_worker.inference.pipelines import load_pipeline
+    from horde_worker.inference.samplers import make_scheduler
+
+    torch_device = torch.device(device)
+    dtype = torch.float16 if torch_device.type == "cuda" else torch.float32
+    loaded = load_pipeline(checkpoint, torch_device, dtype)
+    pipe = loaded.pipeline
+
+    def run(body: dict[str, Any]) -> None:
+        p = body["params"]
+        prompt, _, negative = body["prompt"].partition("###")
+        pipe.scheduler = make_scheduler(p.get("sampler_name", "k_euler_a"), p.get("karras", True),
+                                        loaded.scheduler_config)
+        generator = torch.Generator("cpu").manual_seed(1)
+        pipe(prompt=prompt, negative_prompt=negative or None, width=p["width"], height=p["height"],
+             num_inference_steps=p["steps"], guidance_scale=p.get("cfg_scale", 7.0),
+             num_images_per_prompt=p.get("n", 1), generator=generator, output_type="pil")
+
+    run(mix[0])
+    if torch_device.type == "cuda":
+        torch.cuda.synchronize()
+    started = time.perf_counter()
+    for body in mix:
+        run(body)
+    if torch_device.type == "cuda":
+        torch.cuda.synchronize()
+    wall = time.perf_counter() - started
+    images = sum(b["params"].get("n", 1) for b in mix)
+    mps = sum(b["params"]["width"] * b["params"]["height"] * b["params"]["steps"] * b["params"].get("n", 1)
+              for b in mix) / 1e6
+    peak = torch.cuda.max_memory_allocated() / 2**30 if torch_device.type == "cuda" else None
+    return {"images": images, "wall_seconds": wall, "seconds_per_image": wall / images,
+            "megapixelsteps_per_second": mps / wall, "peak_vram_gib": peak}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark and print its figures (and write them as JSON with --json)."""
+    parser = argparse.ArgumentParser(prog="python -m horde_worker.bench", description=__doc__)
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda:N")
+    parser.add_argument("--full-size", action="store_true", help="full-size SD1.5 with random weights (GPU)")
+    parser.add_argument("--compare-diffusers", action="store_true", help="also time plain diffusers; print ratio")
+    parser.add_argument("--repeat", type=int, default=1, help="serve the job mix this many times")
+    parser.add_argument("--cache", type=Path, help="where the benchmark model is kept (default: a temp folder)")
+    parser.add_argument("--json", type=Path, help="write the figures here")
+    args = parser.parse_args(argv)
+    logger.remove()
+    logger.add(lambda m: print(m, end=""), level=os.environ.get("HORDE_BENCH_LOG", "WARNING"))
+
+    from horde_worker.cli import detect_devices
+
+    device = detect_devices(args.device)[0]
+    work = Path(tempfile.mkdtemp(prefix="horde-bench-"))
+    cache = args.cache or work / "cache"
+    model, checkpoint = build_model(cache, args.full_size)
+    mix = job_mix(model, full_size=args.full_size) * max(1, args.repeat)
+    results: dict[str, Any] = {"device": device, "model": model, "jobs": len(mix)}
+    if device.startswith("cuda"):
+        import subprocess
+        import sys
+
+        name = subprocess.run([sys.executable, "-c", f"import torch; print(torch.cuda.get_device_name({device!r}))"],
+                              capture_output=True, text=True).stdout.strip()
+        results["gpu"] = name
+    results["worker"] = run_worker(model, checkpoint, device, mix, work)
+    if args.compare_diffusers:
+        results["plain_diffusers"] = run_plain_diffusers(checkpoint, device, mix)
+        results["speed_ratio_worker_vs_diffusers"] = (
+            results["plain_diffusers"]["seconds_per_image"] / results["worker"]["seconds_per_image"])
+    print(json.dumps(results, indent=2))
+    w = results["worker"]
+    print(f"worker: {w['seconds_per_image']:.3f} s/image, {w['megapixelsteps_per_second']:.2f} MPS/s, "
+          f"inference busy {w['inference_busy_share'] * 100:.0f}% of wall time ({w['images']} images)")
+    if args.compare_diffusers:
+        d = results["plain_diffusers"]
+        print(f"plain diffusers: {d['seconds_per_image']:.3f} s/image; worker speed / diffusers speed = "
+              f"{results['speed_ratio_worker_vs_diffusers']:.2f}")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+    return 0 if w["images"] == w["expected_images"] else 1
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    raise SystemExit(main())
