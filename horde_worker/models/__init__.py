@@ -1,0 +1,1 @@
+"""Which models the worker serves and where their files are."""
