@@ -165,7 +165,7 @@ def run_supervisor(settings: BridgeData, client, catalog, devices: list[str], ar
             logger.warning(message)
 
     supervisor = Supervisor(settings, client, catalog, slot_specs(devices, settings, args.log_dir),
-                            Path(settings.cache_home) / "journal", stop_condition=stop_condition,
+                            journal_dir(settings), stop_condition=stop_condition,
                             config_poll=poll_config, pop_interval=pop_interval)
     status = StatusLine(supervisor.status_text, every=settings.stats_output_frequency, console=console,
                         live=None if not settings.limited_console_messages else False)
@@ -203,6 +203,12 @@ def run_supervisor(settings: BridgeData, client, catalog, devices: list[str], ar
         logger.error(supervisor.fatal)
     LAST_SUMMARY[0] = supervisor.stats.summary()
     return code
+
+
+def journal_dir(settings: BridgeData) -> Path:
+    """Each worker name keeps its own journal, so workers may share one cache_home."""
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in settings.dreamer_name)
+    return Path(settings.cache_home) / "journal" / safe
 
 
 def collect_results(horde, request_ids: list[str], out_dir: Path) -> None:

@@ -147,8 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=1, help="serve the job mix this many times")
     parser.add_argument("--cache", type=Path, help="where the benchmark model is kept (default: a temp folder)")
     parser.add_argument("--json", type=Path, help="write the figures here")
-    parser.add_argument("--speedups", default="all",
-                        help="the worker's GPU speed-ups: all, none, or a list of channels_last,fuse_qkv,cudnn_benchmark")
+    parser.add_argument("--speedups", default=os.environ.get("HORDE_WORKER_SPEEDUPS", "none"),
+                        help="the worker's GPU speed-ups: none (default), all, or a list of channels_last,fuse_qkv")
     args = parser.parse_args(argv)
     os.environ["HORDE_WORKER_SPEEDUPS"] = args.speedups
     logger.remove()

@@ -93,14 +93,17 @@ def load_pipeline(path: Path, device: torch.device, dtype: torch.dtype, name: st
                        load_seconds=time.perf_counter() - start, scheduler_config=dict(pipe.scheduler.config))
 
 
-SPEEDUPS = ("channels_last", "fuse_qkv", "cudnn_benchmark")
+# Measured on an H100 (docs/benchmarks.md): neither changed SD1.5 speed beyond run-to-run noise, so
+# they are off unless HORDE_WORKER_SPEEDUPS names them. cuDNN autotuning was removed: with the horde's
+# many image sizes it re-tunes for every new shape and made the worker slower.
+SPEEDUPS = ("channels_last", "fuse_qkv")
 
 
 def enabled_speedups() -> set[str]:
-    """Speed-ups to apply; HORDE_WORKER_SPEEDUPS=none (or a comma list) narrows them, for measuring."""
+    """Speed-ups to apply: HORDE_WORKER_SPEEDUPS=all, none (the default) or a comma list."""
     import os
 
-    text = os.environ.get("HORDE_WORKER_SPEEDUPS", "all").strip().lower()
+    text = os.environ.get("HORDE_WORKER_SPEEDUPS", "none").strip().lower()
     if text == "all":
         return set(SPEEDUPS)
     return {part.strip() for part in text.split(",") if part.strip() in SPEEDUPS}
@@ -116,8 +119,6 @@ def apply_speedups(pipe, device: torch.device) -> None:
         pipe.vae.to(memory_format=torch.channels_last)
     if "fuse_qkv" in wanted:
         pipe.fuse_qkv_projections()
-    if "cudnn_benchmark" in wanted:
-        torch.backends.cudnn.benchmark = True
 
 
 def split_prompt(prompt: str) -> tuple[str, str]:
