@@ -123,23 +123,23 @@ def main(argv: list[str] | None = None) -> int:
 def run_horde(loaded, overrides, args, devices: list[str], console) -> int:
     """Serve the horde at horde_url."""
     from horde_worker.horde.client import HordeClient
-    from horde_worker.models.catalog import ModelCatalog, resolve_models
+    from horde_worker.models.setup import prepare_models
 
     settings = loaded.data
     if settings.is_anonymous:
         logger.error("api_key: the anonymous key cannot run a worker. Register at https://aihorde.net/register "
                      "and put your key in bridgeData.yaml (api_key) or AIWORKER_API_KEY")
         return 2
-    served, notices = resolve_models(settings.models_to_load, Path(settings.cache_home))
+    catalog, notices = prepare_models(settings, show_progress=console.is_terminal)
     for notice in notices:
         logger.warning(notice)
-    if not served:
+    if not len(catalog):
         logger.error("models_to_load: no model can be served (see the warnings above)")
         return 2
-    logger.info("serving {} model(s): {}", len(served), ", ".join(m.name for m in served))
+    logger.info("serving {} model(s): {}", len(catalog), ", ".join(catalog.names()))
     client = HordeClient(settings.horde_url, settings.api_key)
     watcher = ConfigWatcher(loaded, overrides)
-    return run_supervisor(settings, client, ModelCatalog(served), devices, args, console, watcher=watcher)
+    return run_supervisor(settings, client, catalog, devices, args, console, watcher=watcher)
 
 
 def run_supervisor(settings: BridgeData, client, catalog, devices: list[str], args, console, *,

@@ -96,7 +96,7 @@ def start_worker(tmp_path, model_cache) -> Iterator[Callable[..., WorkerProcess]
             "horde_url": horde.url, "api_key": horde.api_key, "dreamer_name": "test-worker",
             "models_to_load": [DEMO_MODEL_NAME], "cache_home": str(cache), "max_threads": 1,
             "queue_size": 1, "max_batch": 4, "max_power": 8, "stats_output_frequency": 5,
-            "limited_console_messages": True,
+            "limited_console_messages": True, "model_reference_url": "",
         }
         settings.update(overrides)
         worker = WorkerProcess(tmp_path, settings)

@@ -11,6 +11,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from horde_worker.models.reference import DEFAULT_REFERENCE_URL
+
 ANONYMOUS_KEY = "0000000000"
 DEFAULT_HORDE_URL = "https://aihorde.net/api"
 
@@ -36,9 +38,6 @@ NOT_YET_HONOURED: dict[str, str] = {
     "civitai_api_token": "LoRA and textual inversion downloads are not built yet",
     "max_lora_cache_size": "LoRA is not supported yet",
     "purge_loras_on_download": "LoRA is not supported yet",
-    "load_large_models": "Cascade and Flux models are not supported yet",
-    "models_to_skip": "model meta-instructions are not built yet",
-    "custom_models": "custom models are not supported yet",
     "ram_to_leave_free": "RAM budgets are not built yet",
     "vram_to_leave_free": "VRAM budgets are not built yet",
     "high_memory_mode": "memory modes are not built yet",
@@ -75,6 +74,8 @@ class BridgeData(BaseModel):
     custom_models: list[CustomModel] = Field(default_factory=list)
     load_large_models: bool = False
     cache_home: str = "./models"
+    # Where the horde's image model reference is fetched from at start ("" to use the saved copy).
+    model_reference_url: str = DEFAULT_REFERENCE_URL
 
     max_threads: int = Field(1, ge=1, le=50)
     queue_size: int = Field(1, ge=0, le=10)

@@ -1,21 +1,27 @@
-"""The models this worker serves: names from the horde's model reference, files under cache_home.
+"""The models this worker serves: resolved names, their files under cache_home, missing files fetched.
 
 Checkpoints live in `<cache_home>/compvis/`, the layout the reGen worker uses, so an existing
-reGen model cache is served in place.
+reGen model cache is served in place without downloading anything again.
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from horde_worker.inference.tiny import DEMO_MODEL_NAME, ensure_demo_model
+from horde_worker.models.download import DownloadTask
+from horde_worker.models.reference import ModelEntry, ModelReference
+from horde_worker.models.resolve import resolve
 
-REFERENCE_SNAPSHOT = Path(__file__).parent / "data" / "stable_diffusion.json"
-LOADABLE_BASELINES = {"stable diffusion 1": "stable_diffusion_1"}
-META_PREFIXES = ("ALL", "TOP ", "BOTTOM ")
+# Baselines whose checkpoints this worker loads and generates with.
+LOADABLE_BASELINES = {"stable_diffusion_1"}
+REFUSED_BASELINES = {
+    "stable_cascade": "Stable Cascade is not supported by this worker",
+    "flux_1": "Flux is not supported by this worker yet",
+    "stable_diffusion_2": "SD 2.x is not supported by this worker yet",
+    "stable_diffusion_xl": "SDXL is not supported by this worker yet",
+}
 
 
 @dataclass(frozen=True)
@@ -25,6 +31,7 @@ class ServedModel:
     name: str
     path: Path
     baseline: str
+    v_prediction: bool = False
 
 
 class ModelCatalog:
@@ -46,45 +53,65 @@ class ModelCatalog:
         return len(self._models)
 
 
-def load_reference(path: Path = REFERENCE_SNAPSHOT) -> dict[str, dict[str, Any]]:
-    """The horde's image model reference (the snapshot shipped with the package)."""
-    return json.loads(Path(path).read_text(encoding="utf-8"))
+@dataclass
+class CatalogPlan:
+    """What resolving the settings gave: models ready now, files to fetch, and notices."""
+
+    ready: list[ServedModel] = field(default_factory=list)
+    to_download: list[tuple[ModelEntry, DownloadTask]] = field(default_factory=list)
+    notices: list[str] = field(default_factory=list)
+    resolved: list[str] = field(default_factory=list)
+
+    @property
+    def bytes_to_download(self) -> int:
+        return sum(task.size or 0 for _, task in self.to_download)
 
 
-def checkpoint_file(entry: dict[str, Any], cache_home: Path) -> Path:
+def checkpoint_path(entry: ModelEntry, cache_home: Path) -> Path:
     """Where a reference entry's checkpoint lives under cache_home."""
-    files = [f["path"] for f in entry.get("config", {}).get("files", []) if "sha256sum" in f]
-    name = files[0] if files else entry["config"]["download"][0]["file_name"]
-    return Path(cache_home) / "compvis" / name
+    return Path(cache_home) / "compvis" / entry.checkpoint.name
 
 
-def resolve_models(models_to_load: list[str], cache_home: Path,
-                   reference: dict[str, dict[str, Any]] | None = None) -> tuple[list[ServedModel], list[str]]:
-    """Served models for `models_to_load` (exact names) and notices about entries that cannot be served."""
-    reference = load_reference() if reference is None else reference
-    by_lower = {name.lower(): entry for name, entry in reference.items()}
-    served, notices = [], []
-    for wanted in models_to_load:
-        if wanted.lower() == DEMO_MODEL_NAME.lower():
-            served.append(ServedModel(DEMO_MODEL_NAME, ensure_demo_model(Path(cache_home)), "stable_diffusion_1"))
+def plan_catalog(models_to_load: list[str], models_to_skip: list[str], cache_home: Path, reference: ModelReference,
+                 usage_counts: dict[str, int] | None, load_large_models: bool = False,
+                 custom_models: list | None = None) -> CatalogPlan:
+    """Resolve the settings and sort each model into ready, to download, or refused (with a notice)."""
+    plan = CatalogPlan()
+    customs = {c.name.lower(): c for c in custom_models or []}
+    for custom in customs.values():
+        if reference.get(custom.name) is not None:
+            plan.notices.append(f"custom_models: {custom.name!r} is already a model of the horde's reference; "
+                                "choose another name")
+    extra = [DEMO_MODEL_NAME] + [c.name for c in customs.values() if reference.get(c.name) is None]
+    resolution = resolve(models_to_load, models_to_skip, reference, usage_counts, load_large_models, extra)
+    plan.notices += resolution.notices
+    plan.resolved = list(resolution.names)
+    for name in resolution.names:
+        if name.lower() == DEMO_MODEL_NAME.lower():
+            plan.ready.append(ServedModel(DEMO_MODEL_NAME, ensure_demo_model(Path(cache_home)), "stable_diffusion_1"))
             continue
-        if wanted.upper().startswith(META_PREFIXES):
-            notices.append(f"models_to_load: {wanted!r}: meta-instructions (ALL, TOP n, ...) are not built yet; "
-                           "list model names instead")
+        custom = customs.get(name.lower())
+        if custom is not None:
+            path = Path(custom.filepath).expanduser()
+            if not path.exists():
+                plan.notices.append(f"custom_models: {name!r}: {path} does not exist")
+            elif custom.baseline not in LOADABLE_BASELINES:
+                plan.notices.append(f"custom_models: {name!r}: baseline {custom.baseline!r} is not one of "
+                                    f"{sorted(LOADABLE_BASELINES)}")
+            else:
+                plan.ready.append(ServedModel(custom.name, path, custom.baseline))
             continue
-        entry = by_lower.get(wanted.lower())
-        if entry is None:
-            notices.append(f"models_to_load: {wanted!r} is not in the horde's model reference")
+        entry = reference.get(name)
+        if entry.baseline not in LOADABLE_BASELINES:
+            why = REFUSED_BASELINES.get(entry.baseline, f"baseline {entry.baseline!r} is unknown to this worker")
+            plan.notices.append(f"models_to_load: {entry.name!r} is left out: {why}")
             continue
-        baseline = LOADABLE_BASELINES.get(entry.get("baseline", ""))
-        if baseline is None:
-            notices.append(f"models_to_load: {entry['name']!r} is a {entry.get('baseline')} model; "
-                           "this worker serves stable diffusion 1 models so far")
-            continue
-        path = checkpoint_file(entry, cache_home)
-        if not path.exists():
-            notices.append(f"models_to_load: {entry['name']!r}: {path} not found (put the checkpoint there; "
-                           "automatic downloads are not built yet)")
-            continue
-        served.append(ServedModel(entry["name"], path, baseline))
-    return served, notices
+        path = checkpoint_path(entry, cache_home)
+        if path.exists():
+            plan.ready.append(ServedModel(entry.name, path, entry.baseline, entry.v_prediction))
+        elif not entry.checkpoint.url:
+            plan.notices.append(f"models_to_load: {entry.name!r}: {path} is missing and the reference gives no URL")
+        else:
+            size = entry.size_bytes if len(entry.files) == 1 else None
+            plan.to_download.append((entry, DownloadTask(entry.checkpoint.url, path, entry.checkpoint.sha256, size)))
+    return plan

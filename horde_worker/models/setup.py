@@ -1,0 +1,60 @@
+"""From settings to a ready catalog: reference, usage statistics, resolution, downloads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from loguru import logger
+
+from horde_worker.config.bridge_data import BridgeData
+from horde_worker.models.catalog import CatalogPlan, ModelCatalog, ServedModel, plan_catalog
+from horde_worker.models.download import DownloadError, download_all
+from horde_worker.models.reference import ModelReference, load_reference
+
+
+def usage_counts(horde_url: str, api_key: str) -> dict[str, int] | None:
+    """The horde's monthly per-model usage (what TOP n / BOTTOM n rank by), or None if unreadable."""
+    from horde_worker.horde.client import HordeClient, HordeError, HordeUnreachable, RetryPolicy
+
+    client = HordeClient(horde_url, api_key, retry=RetryPolicy(attempts=2, base_delay=0.5), timeout=20)
+    try:
+        month = client.model_stats().get("month") or {}
+    except (HordeError, HordeUnreachable) as exc:
+        logger.warning("the horde's model statistics could not be read: {}", exc)
+        return None
+    return {str(k): int(v or 0) for k, v in month.items()}
+
+
+def plan_for(settings: BridgeData, reference: ModelReference | None = None,
+             counts: dict[str, int] | None | str = "fetch") -> tuple[CatalogPlan, ModelReference]:
+    """Resolve the settings' models against the reference (fetched unless given)."""
+    cache_home = Path(settings.cache_home)
+    if reference is None:
+        reference = load_reference(cache_home / "reference", settings.model_reference_url or None)
+    if counts == "fetch":
+        needs_ranking = any(m.strip().upper().startswith(("TOP", "BOTTOM"))
+                            for m in settings.models_to_load + settings.models_to_skip)
+        counts = usage_counts(settings.horde_url, settings.api_key) if needs_ranking else {}
+    plan = plan_catalog(settings.models_to_load, settings.models_to_skip, cache_home, reference, counts,
+                        settings.load_large_models, settings.custom_models)
+    return plan, reference
+
+
+def prepare_models(settings: BridgeData, show_progress: bool = True) -> tuple[ModelCatalog, list[str]]:
+    """Everything needed to serve: resolve, download what is missing (verified), and return the catalog."""
+    plan, reference = plan_for(settings)
+    logger.info("model reference: {} ({} models)", reference.source, len(reference))
+    ready: list[ServedModel] = list(plan.ready)
+    notices = list(plan.notices)
+    if plan.to_download:
+        logger.info("downloading {} model(s), {:.1f} GB", len(plan.to_download), plan.bytes_to_download / 1e9)
+        try:
+            errors = download_all([task for _, task in plan.to_download], token=settings.civitai_api_token or None,
+                                  show_progress=show_progress)
+        except DownloadError as exc:
+            errors = [str(exc)]
+        notices += errors
+        for entry, task in plan.to_download:
+            if task.dest.exists():
+                ready.append(ServedModel(entry.name, task.dest, entry.baseline, entry.v_prediction))
+    return ModelCatalog(ready), notices
