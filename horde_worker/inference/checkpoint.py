@@ -162,6 +162,11 @@ def build_unet(state_dict: dict[str, torch.Tensor], info: CheckpointInfo, sample
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         config = sfu.create_unet_diffusers_config_from_ldm(info.ldm_config, state_dict, image_size=sample_size)
+        if info.baseline == "stable_diffusion_xl":
+            # diffusers recognises SDXL by its real context width; say it for any width.
+            config.update(addition_embed_type="text_time", addition_time_embed_dim=256, class_embed_type=None)
+        if info.baseline == "stable_diffusion_2" and info.prediction_type == "v_prediction":
+            config["upcast_attention"] = True  # SD2's 768-v models overflow fp16 attention otherwise
         weights = sfu.convert_ldm_unet_checkpoint(state_dict, config)
     unet = UNet2DConditionModel(**config)
     _load_exact(unet, weights, "UNet")
@@ -182,13 +187,13 @@ def build_vae(state_dict: dict[str, torch.Tensor], info: CheckpointInfo, sample_
     return vae
 
 
-def build_clip_text_encoder(state_dict: dict[str, torch.Tensor]):
-    """Instantiate the CLIP-L text encoder (SD1) from an LDM state dict, dimensions read off the tensors."""
+def build_clip_text_encoder(state_dict: dict[str, torch.Tensor], prefixes: tuple[str, ...] = CLIP_PREFIXES):
+    """Instantiate a CLIP-L text encoder (SD1, SDXL's first) from an LDM state dict, dimensions read off the tensors."""
     from transformers import CLIPTextConfig, CLIPTextModel
 
     weights = {}
     for key, tensor in state_dict.items():
-        for prefix in CLIP_PREFIXES:
+        for prefix in prefixes:
             if key.startswith(prefix):
                 name = key[len(prefix) :]
                 if not name.startswith("text_model."):
@@ -214,6 +219,46 @@ def build_clip_text_encoder(state_dict: dict[str, torch.Tensor]):
     if not any(k.startswith("text_model.") for k in model.state_dict()):
         # transformers 5 names the tower's tensors without the `text_model.` level.
         weights = {k.removeprefix("text_model."): v for k, v in weights.items()}
+    _load_exact(model, weights, "text encoder")
+    return model
+
+
+def build_open_clip_text_encoder(state_dict: dict[str, torch.Tensor], prefix: str, with_projection: bool,
+                                 drop_last_layer: bool):
+    """Instantiate an OpenCLIP text tower (SD2's ViT-H, SDXL's bigG) as a transformers CLIP text model.
+
+    SD2 uses the penultimate layer's output, so its last block is dropped (`drop_last_layer`).
+    """
+    from diffusers.loaders import single_file_utils as sfu
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    keys = [k for k in state_dict if k.startswith(prefix)]
+    if not keys:
+        raise CheckpointError(f"no OpenCLIP text encoder ({prefix}*) found in the checkpoint")
+    blocks = sorted(_count_indices(keys, re.escape(prefix) + r"transformer\.resblocks\.(\d+)\."))
+    if drop_last_layer:
+        last = f"{prefix}transformer.resblocks.{blocks[-1]}."
+        state_dict = {k: v for k, v in state_dict.items() if not k.startswith(last)}
+        blocks = blocks[:-1]
+    token_embedding = state_dict[prefix + "token_embedding.weight"]
+    hidden = int(token_embedding.shape[1])
+    projection = state_dict.get(prefix + "text_projection")
+    config = CLIPTextConfig(
+        vocab_size=int(token_embedding.shape[0]), hidden_size=hidden,
+        intermediate_size=int(state_dict[f"{prefix}transformer.resblocks.0.mlp.c_fc.weight"].shape[0]),
+        num_hidden_layers=len(blocks), num_attention_heads=max(1, hidden // 64),
+        max_position_embeddings=int(state_dict[prefix + "positional_embedding"].shape[0]), hidden_act="gelu",
+        projection_dim=int(projection.shape[1]) if projection is not None else hidden,
+    )
+    model = (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        weights = sfu.convert_open_clip_checkpoint(model, state_dict, prefix=prefix)
+    if not with_projection:
+        weights.pop("text_projection.weight", None)
+    if not any(k.startswith("text_model.") for k in model.state_dict()):
+        weights = {k.removeprefix("text_model."): v for k, v in weights.items()}
+    weights = {k: v for k, v in weights.items() if not k.endswith("position_ids")}
     _load_exact(model, weights, "text encoder")
     return model
 

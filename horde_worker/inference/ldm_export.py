@@ -120,11 +120,33 @@ def text_encoder_to_ldm(text_encoder) -> dict[str, torch.Tensor]:
     return out
 
 
-def save_sd_checkpoint(path: Path, unet, vae, text_encoder) -> Path:
-    """Save SD1-layout components as one `.safetensors` checkpoint."""
+def open_clip_to_ldm(text_encoder, prefix: str) -> dict[str, torch.Tensor]:
+    """A transformers CLIP text tower in OpenCLIP's layout (fused q/k/v, resblocks), under `prefix`."""
+    state = {k.removeprefix("text_model."): v for k, v in text_encoder.state_dict().items()}
+    out = {
+        prefix + "token_embedding.weight": state["embeddings.token_embedding.weight"],
+        prefix + "positional_embedding": state["embeddings.position_embedding.weight"],
+        prefix + "ln_final.weight": state["final_layer_norm.weight"],
+        prefix + "ln_final.bias": state["final_layer_norm.bias"],
+    }
+    if "text_projection.weight" in state:
+        out[prefix + "text_projection"] = state["text_projection.weight"].T.contiguous()
+    names = {"self_attn.out_proj": "attn.out_proj", "layer_norm1": "ln_1", "layer_norm2": "ln_2",
+             "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}
+    for layer in range(text_encoder.config.num_hidden_layers):
+        src, dst = f"encoder.layers.{layer}.", f"{prefix}transformer.resblocks.{layer}."
+        for kind in ("weight", "bias"):
+            out[f"{dst}attn.in_proj_{kind}"] = torch.cat(
+                [state[f"{src}self_attn.{p}_proj.{kind}"] for p in ("q", "k", "v")], dim=0)
+            for ours, theirs in names.items():
+                out[f"{dst}{theirs}.{kind}"] = state[f"{src}{ours}.{kind}"]
+    return out
+
+
+def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> Path:
+    """Write tensors as a `.safetensors` file, atomically."""
     from safetensors.torch import save_file
 
-    tensors = {**unet_to_ldm(unet), **vae_to_ldm(vae), **text_encoder_to_ldm(text_encoder)}
     tensors = {k: v.detach().contiguous() for k, v in tensors.items()}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -132,3 +154,22 @@ def save_sd_checkpoint(path: Path, unet, vae, text_encoder) -> Path:
     save_file(tensors, str(tmp))
     tmp.replace(path)
     return path
+
+
+def save_sd2_checkpoint(path: Path, unet, vae, text_encoder) -> Path:
+    """SD2 layout: OpenCLIP ViT-H text tower under `cond_stage_model.model.`."""
+    return save_tensors(path, {**unet_to_ldm(unet), **vae_to_ldm(vae),
+                               **open_clip_to_ldm(text_encoder, "cond_stage_model.model.")})
+
+
+def save_sdxl_checkpoint(path: Path, unet, vae, text_encoder, text_encoder_2) -> Path:
+    """SDXL layout: CLIP-L under `conditioner.embedders.0.transformer.`, bigG under `conditioner.embedders.1.model.`."""
+    clip_l = {k.replace("cond_stage_model.transformer.", "conditioner.embedders.0.transformer."): v
+              for k, v in text_encoder_to_ldm(text_encoder).items()}
+    return save_tensors(path, {**unet_to_ldm(unet), **vae_to_ldm(vae), **clip_l,
+                               **open_clip_to_ldm(text_encoder_2, "conditioner.embedders.1.model.")})
+
+
+def save_sd_checkpoint(path: Path, unet, vae, text_encoder) -> Path:
+    """Save SD1-layout components as one `.safetensors` checkpoint."""
+    return save_tensors(path, {**unet_to_ldm(unet), **vae_to_ldm(vae), **text_encoder_to_ldm(text_encoder)})

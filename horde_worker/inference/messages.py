@@ -38,6 +38,7 @@ class GenerateRequest:
     karras: bool
     seeds: list[int]
     clip_skip: int = 1
+    v_prediction: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
 

@@ -22,15 +22,16 @@ from horde_worker.inference.samplers import make_scheduler, scheduler_config
 TOKENIZER_DIR = Path(__file__).parent / "assets" / "clip_tokenizer"
 
 
-def clip_tokenizer():
-    """CLIP's BPE tokenizer from the files shipped in the package (SD1's padding token)."""
+def clip_tokenizer(pad_token: str = "<|endoftext|>"):
+    """CLIP's BPE tokenizer from the files shipped in the package. OpenCLIP towers (SD2, SDXL's second)
+    use the same vocabulary but pad with "!"."""
     from transformers import CLIPTokenizer
 
     return CLIPTokenizer(
         str(TOKENIZER_DIR / "vocab.json"),
         str(TOKENIZER_DIR / "merges.txt"),
         model_max_length=77,
-        pad_token="<|endoftext|>",
+        pad_token=pad_token,
     )
 
 
@@ -46,46 +47,18 @@ class LoadedModel:
     scheduler_config: dict[str, Any]
 
 
-def load_pipeline(path: Path, device: torch.device, dtype: torch.dtype, name: str = "") -> LoadedModel:
-    """Load a single-file checkpoint or a diffusers folder onto `device` without contacting any hub."""
-    from diffusers import StableDiffusionPipeline
+def load_pipeline(path: Path, device: torch.device, dtype: torch.dtype, name: str = "",
+                  v_prediction: bool = False) -> LoadedModel:
+    """Load a single-file checkpoint or a diffusers folder onto `device` without contacting any hub.
 
+    `v_prediction` comes from the model reference: the tensors of SD2's 768-v models do not say it.
+    """
     start = time.perf_counter()
     path = Path(path)
     if path.is_dir():
-        if not (path / "model_index.json").exists():
-            raise checkpoint.CheckpointError(f"{path} is a folder without model_index.json: not a diffusers model")
-        extra = {}
-        if not (path / "tokenizer").exists():
-            extra["tokenizer"] = clip_tokenizer()
-        pipe = StableDiffusionPipeline.from_pretrained(
-            str(path), local_files_only=True, safety_checker=None, requires_safety_checker=False, **extra
-        )
-        baseline = "stable_diffusion_1"
+        pipe, baseline = _load_folder(path)
     else:
-        state_dict = checkpoint.load_state_dict(path)
-        info = checkpoint.inspect_checkpoint(state_dict)
-        if info.baseline != "stable_diffusion_1":
-            raise checkpoint.CheckpointError(
-                f"{path.name} is a {info.baseline} checkpoint; this worker loads stable_diffusion_1 ones"
-            )
-        unet = checkpoint.build_unet(state_dict, info)
-        vae = checkpoint.build_vae(state_dict, info)
-        text_encoder = checkpoint.build_clip_text_encoder(state_dict)
-        del state_dict
-        from diffusers import EulerDiscreteScheduler
-
-        pipe = StableDiffusionPipeline(
-            vae=vae,
-            text_encoder=text_encoder,
-            tokenizer=clip_tokenizer(),
-            unet=unet,
-            scheduler=EulerDiscreteScheduler.from_config(scheduler_config(info.baseline)),
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
-        baseline = info.baseline
+        pipe, baseline = _load_single_file(path, v_prediction)
     pipe = pipe.to(device=device, dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
     apply_speedups(pipe, device)
@@ -93,9 +66,63 @@ def load_pipeline(path: Path, device: torch.device, dtype: torch.dtype, name: st
                        load_seconds=time.perf_counter() - start, scheduler_config=dict(pipe.scheduler.config))
 
 
-# Measured on an H100 (docs/benchmarks.md): neither changed SD1.5 speed beyond run-to-run noise, so
-# they are off unless HORDE_WORKER_SPEEDUPS names them. cuDNN autotuning was removed: with the horde's
-# many image sizes it re-tunes for every new shape and made the worker slower.
+def _load_folder(path: Path):
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    if not (path / "model_index.json").exists():
+        raise checkpoint.CheckpointError(f"{path} is a folder without model_index.json: not a diffusers model")
+    is_xl = (path / "text_encoder_2").exists()
+    cls = StableDiffusionXLPipeline if is_xl else StableDiffusionPipeline
+    extra: dict[str, Any] = {}
+    if not (path / "tokenizer").exists():
+        extra["tokenizer"] = clip_tokenizer()
+    if is_xl and not (path / "tokenizer_2").exists():
+        extra["tokenizer_2"] = clip_tokenizer("!")
+    if not is_xl:
+        extra.update(safety_checker=None, requires_safety_checker=False)
+    pipe = cls.from_pretrained(str(path), local_files_only=True, **extra)
+    return pipe, "stable_diffusion_xl" if is_xl else "stable_diffusion_1"
+
+
+def _load_single_file(path: Path, v_prediction: bool):
+    from dataclasses import replace
+
+    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    state_dict = checkpoint.load_state_dict(path)
+    info = checkpoint.inspect_checkpoint(state_dict)
+    if v_prediction:
+        info = replace(info, prediction_type="v_prediction")
+    config = scheduler_config(info.baseline)
+    config["prediction_type"] = info.prediction_type
+    scheduler = EulerDiscreteScheduler.from_config(config)
+    unet = checkpoint.build_unet(state_dict, info)
+    vae = checkpoint.build_vae(state_dict, info)
+    if info.baseline == "stable_diffusion_xl":
+        pipe = StableDiffusionXLPipeline(
+            vae=vae, unet=unet, scheduler=scheduler,
+            text_encoder=checkpoint.build_clip_text_encoder(state_dict, ("conditioner.embedders.0.transformer.",)),
+            text_encoder_2=checkpoint.build_open_clip_text_encoder(
+                state_dict, "conditioner.embedders.1.model.", with_projection=True, drop_last_layer=False),
+            tokenizer=clip_tokenizer(), tokenizer_2=clip_tokenizer("!"),
+        )
+    elif info.baseline == "stable_diffusion_2":
+        pipe = StableDiffusionPipeline(
+            vae=vae, unet=unet, scheduler=scheduler, tokenizer=clip_tokenizer("!"),
+            text_encoder=checkpoint.build_open_clip_text_encoder(
+                state_dict, "cond_stage_model.model.", with_projection=False, drop_last_layer=True),
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        )
+    else:
+        pipe = StableDiffusionPipeline(
+            vae=vae, unet=unet, scheduler=scheduler, tokenizer=clip_tokenizer(),
+            text_encoder=checkpoint.build_clip_text_encoder(state_dict),
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        )
+    del state_dict
+    return pipe, info.baseline
+
+
 SPEEDUPS = ("channels_last", "fuse_qkv")
 
 

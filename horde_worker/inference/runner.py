@@ -64,7 +64,8 @@ class ModelRunner:
             return loaded, 0.0
         while len(self.resident) >= self.max_resident:
             self._evict()
-        loaded = load_pipeline(Path(request.model_path), self.device, self.dtype, name=request.model_name)
+        loaded = load_pipeline(Path(request.model_path), self.device, self.dtype, name=request.model_name,
+                               v_prediction=request.v_prediction)
         self.resident[request.model_name] = loaded
         return loaded, loaded.load_seconds
 

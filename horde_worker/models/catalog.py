@@ -15,12 +15,10 @@ from horde_worker.models.reference import ModelEntry, ModelReference
 from horde_worker.models.resolve import resolve
 
 # Baselines whose checkpoints this worker loads and generates with.
-LOADABLE_BASELINES = {"stable_diffusion_1"}
+LOADABLE_BASELINES = {"stable_diffusion_1", "stable_diffusion_2", "stable_diffusion_xl"}
 REFUSED_BASELINES = {
     "stable_cascade": "Stable Cascade is not supported by this worker",
     "flux_1": "Flux is not supported by this worker yet",
-    "stable_diffusion_2": "SD 2.x is not supported by this worker yet",
-    "stable_diffusion_xl": "SDXL is not supported by this worker yet",
 }
 
 

@@ -75,6 +75,7 @@ def generate_request(job: Job, catalog: ModelCatalog) -> GenerateRequest:
         karras=payload.karras,
         seeds=list(job.seeds),
         clip_skip=max(1, payload.clip_skip),
+        v_prediction=model.v_prediction,
     )
 
 

@@ -1,0 +1,73 @@
+"""Every loadable baseline loads offline from a real single-file checkpoint and generates."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from horde_worker.inference import checkpoint
+from horde_worker.inference.pipelines import load_pipeline, txt2img
+from horde_worker.inference.tiny import tiny_sd2_components, tiny_sdxl_components, write_tiny_checkpoint
+from tests.test_checkpoint_and_pipeline import no_network, request  # noqa: F401  (fixture: no outbound traffic)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("baselines")
+    return {b: write_tiny_checkpoint(folder / f"{b}.safetensors", b)
+            for b in ("stable_diffusion_2", "stable_diffusion_xl")}
+
+
+def test_sdxl_checkpoint_round_trips_both_text_encoders(checkpoints):
+    state = checkpoint.load_state_dict(checkpoints["stable_diffusion_xl"])
+    info = checkpoint.inspect_checkpoint(state)
+    assert info.baseline == "stable_diffusion_xl"
+    unet, _vae, clip_l, big_g = tiny_sdxl_components()
+    loaded = [checkpoint.build_unet(state, info),
+              checkpoint.build_clip_text_encoder(state, ("conditioner.embedders.0.transformer.",)),
+              checkpoint.build_open_clip_text_encoder(state, "conditioner.embedders.1.model.", True, False)]
+    for original, rebuilt in zip((unet, clip_l, big_g), loaded, strict=True):
+        a, b = original.state_dict(), rebuilt.state_dict()
+        assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sd2_drops_the_text_towers_last_block_as_sd2_does(checkpoints):
+    state = checkpoint.load_state_dict(checkpoints["stable_diffusion_2"])
+    assert checkpoint.inspect_checkpoint(state).baseline == "stable_diffusion_2"
+    encoder = checkpoint.build_open_clip_text_encoder(state, "cond_stage_model.model.", False, True)
+    original = tiny_sd2_components()[2]
+    assert encoder.config.num_hidden_layers == original.config.num_hidden_layers - 1
+    kept = encoder.state_dict()
+    assert all(torch.equal(kept[k], original.state_dict()[k]) for k in kept)
+
+
+@pytest.mark.parametrize(("baseline", "v_prediction", "pipeline_class"), [
+    ("stable_diffusion_2", False, "StableDiffusionPipeline"),
+    ("stable_diffusion_2", True, "StableDiffusionPipeline"),
+    ("stable_diffusion_xl", False, "StableDiffusionXLPipeline"),
+])
+def test_baseline_generates_offline_and_reproduces(checkpoints, baseline, v_prediction, pipeline_class):
+    model = load_pipeline(checkpoints[baseline], torch.device("cpu"), torch.float32, v_prediction=v_prediction)
+    assert model.baseline == baseline and type(model.pipeline).__name__ == pipeline_class
+    expected = "v_prediction" if v_prediction else "epsilon"
+    assert model.pipeline.scheduler.config.prediction_type == expected
+    first, second = txt2img(model, request(seeds=[3, 4], width=192, height=128, sampler_name="k_euler_a"))
+    assert first.shape == (128, 192, 3) and np.abs(first.astype(int) - second.astype(int)).mean() > 5
+    again = txt2img(model, request(seeds=[3], width=192, height=128, sampler_name="k_euler_a"))[0]
+    assert np.abs(again.astype(int) - first.astype(int)).max() <= 2
+
+
+def test_large_and_unsupported_baselines_are_refused_at_start_with_a_reason(tmp_path):
+    import json
+
+    from horde_worker.models.catalog import plan_catalog
+    from horde_worker.models.reference import ModelReference
+    from tests.conftest import SHARED_DATA
+
+    reference = ModelReference(json.loads((SHARED_DATA / "stable_diffusion.json").read_text()), "test")
+    plan = plan_catalog(["Stable Cascade 1.0", "Flux.1-Schnell fp8 (Compact)", "SDXL 1.0"], [], tmp_path, reference,
+                        {}, load_large_models=True)
+    assert any("Stable Cascade is not supported" in n for n in plan.notices)
+    assert any("Flux is not supported" in n for n in plan.notices)
+    assert [e.name for e, _ in plan.to_download] == ["SDXL 1.0"]
