@@ -38,8 +38,6 @@ NOT_YET_HONOURED: dict[str, str] = {
     "civitai_api_token": "LoRA and textual inversion downloads are not built yet",
     "max_lora_cache_size": "LoRA is not supported yet",
     "purge_loras_on_download": "LoRA is not supported yet",
-    "ram_to_leave_free": "RAM budgets are not built yet",
-    "vram_to_leave_free": "VRAM budgets are not built yet",
     "high_memory_mode": "memory modes are not built yet",
     "high_performance_mode": "performance modes are not built yet",
     "moderate_performance_mode": "performance modes are not built yet",
@@ -50,6 +48,17 @@ NOT_YET_HONOURED: dict[str, str] = {
 }
 
 _PERCENT_OR_MB = re.compile(r"^\s*(\d+(\.\d+)?)\s*(%|MB|GB)?\s*$", re.IGNORECASE)
+
+
+def parse_amount(text: str, total: int) -> int:
+    """'80%' of `total`, or a size in MB (or with a GB suffix), in bytes."""
+    match = _PERCENT_OR_MB.match(str(text))
+    if not match:
+        raise ValueError(f"{text!r} is neither a percentage nor a size in MB")
+    value, unit = float(match.group(1)), (match.group(3) or "MB").upper()
+    if unit == "%":
+        return int(total * value / 100)
+    return int(value * (1 << 30 if unit == "GB" else 1 << 20))
 
 
 class CustomModel(BaseModel):

@@ -37,6 +37,14 @@ class CheckpointInfo:
     prediction_type: str
 
 
+def skip_weight_init():
+    """Random initialisation is wasted on modules whose every weight is loaded next (and takes
+    seconds for full-size models): skip it. `_load_exact` then insists that every weight was loaded."""
+    from transformers.initialization import no_init_weights
+
+    return no_init_weights()
+
+
 def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """Read a checkpoint's tensors: safetensors directly, `.ckpt` only through torch's weights-only
     unpickler, which refuses any file that would run code."""
@@ -168,7 +176,8 @@ def build_unet(state_dict: dict[str, torch.Tensor], info: CheckpointInfo, sample
         if info.baseline == "stable_diffusion_2" and info.prediction_type == "v_prediction":
             config["upcast_attention"] = True  # SD2's 768-v models overflow fp16 attention otherwise
         weights = sfu.convert_ldm_unet_checkpoint(state_dict, config)
-    unet = UNet2DConditionModel(**config)
+    with skip_weight_init():
+        unet = UNet2DConditionModel(**config)
     _load_exact(unet, weights, "UNet")
     return unet
 
@@ -182,7 +191,8 @@ def build_vae(state_dict: dict[str, torch.Tensor], info: CheckpointInfo, sample_
         warnings.simplefilter("ignore")
         config = sfu.create_vae_diffusers_config_from_ldm(info.ldm_config, state_dict, image_size=sample_size)
         weights = sfu.convert_ldm_vae_checkpoint(state_dict, config)
-    vae = AutoencoderKL(**config)
+    with skip_weight_init():
+        vae = AutoencoderKL(**config)
     _load_exact(vae, weights, "VAE")
     return vae
 
@@ -215,7 +225,8 @@ def build_clip_text_encoder(state_dict: dict[str, torch.Tensor], prefixes: tuple
         hidden_act="quick_gelu",
     )
     weights.pop("text_model.embeddings.position_ids", None)
-    model = CLIPTextModel(config)
+    with skip_weight_init():
+        model = CLIPTextModel(config)
     if not any(k.startswith("text_model.") for k in model.state_dict()):
         # transformers 5 names the tower's tensors without the `text_model.` level.
         weights = {k.removeprefix("text_model."): v for k, v in weights.items()}
@@ -250,7 +261,8 @@ def build_open_clip_text_encoder(state_dict: dict[str, torch.Tensor], prefix: st
         max_position_embeddings=int(state_dict[prefix + "positional_embedding"].shape[0]), hidden_act="gelu",
         projection_dim=int(projection.shape[1]) if projection is not None else hidden,
     )
-    model = (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config)
+    with skip_weight_init():
+        model = (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         weights = sfu.convert_open_clip_checkpoint(model, state_dict, prefix=prefix)

@@ -17,7 +17,11 @@ class SlotSpec:
     slot: int
     device: str  # "cuda:0", "cpu", "directml:0", ...
     log_dir: str
-    max_resident_models: int = 1
+    # Bytes of RAM this process may keep models in (None: no limit), and how much of the GPU's
+    # memory to leave free ("80%" or MB), shared among `slots_on_device` processes.
+    ram_budget: int | None = None
+    vram_to_leave_free: str = "20%"
+    slots_on_device: int = 1
 
 
 @dataclass(frozen=True)
@@ -40,6 +44,25 @@ class GenerateRequest:
     clip_skip: int = 1
     v_prediction: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Preload:
+    """Read this model from disk into RAM now, while the current job runs."""
+
+    model_name: str
+    model_path: str
+    v_prediction: bool = False
+
+
+@dataclass(frozen=True)
+class Preloaded:
+    """A preload finished (or failed, with `error`)."""
+
+    model_name: str
+    seconds: float
+    resident_models: list[str]
+    error: str | None = None
 
 
 @dataclass(frozen=True)
@@ -74,6 +97,8 @@ class GenerateResult:
     load_seconds: float
     sample_seconds: float
     resident_models: list[str]
+    load_source: str = "resident"  # resident | ram | disk
+    resident_bytes: int = 0
 
 
 @dataclass(frozen=True)

@@ -8,14 +8,18 @@ Torch is imported here, inside the process, never in the supervisor.
 from __future__ import annotations
 
 import os
+import queue
+import threading
 import time
-from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from horde_worker.inference.messages import (
     GenerateFailed,
     GenerateRequest,
     GenerateResult,
+    Preload,
+    Preloaded,
     Progress,
     Shutdown,
     SlotReady,
@@ -36,16 +40,22 @@ def resolve_device(name: str):
 
 
 class ModelRunner:
-    """Keeps up to `max_resident` pipelines on the device, least recently used evicted first."""
+    """Owns the device: places models within the budgets and runs jobs."""
 
-    def __init__(self, device_name: str, max_resident: int = 1) -> None:
+    def __init__(self, spec: SlotSpec) -> None:
         import torch
 
-        self.device = resolve_device(device_name)
-        on_gpu = device_name.startswith(("cuda", "directml"))
+        from horde_worker.config.bridge_data import parse_amount
+        from horde_worker.inference.residency import Residency
+
+        self.device = resolve_device(spec.device)
+        on_gpu = spec.device.startswith(("cuda", "directml"))
         self.dtype = torch.float16 if on_gpu else torch.float32
-        self.max_resident = max(1, max_resident)
-        self.resident: OrderedDict[str, object] = OrderedDict()
+        device_budget = None
+        if self.device.type == "cuda":
+            total = torch.cuda.get_device_properties(self.device).total_memory
+            device_budget = max(0, total - parse_amount(spec.vram_to_leave_free, total)) // max(1, spec.slots_on_device)
+        self.residency = Residency(self.device, self.dtype, spec.ram_budget, device_budget)
 
     def device_name(self) -> str:
         import torch
@@ -54,30 +64,14 @@ class ModelRunner:
             return torch.cuda.get_device_name(self.device)
         return str(self.device)
 
-    def model(self, request: GenerateRequest):
-        """The pipeline for the request's model, loaded if it is not resident."""
-        from horde_worker.inference.pipelines import load_pipeline
-
-        loaded = self.resident.get(request.model_name)
-        if loaded is not None:
-            self.resident.move_to_end(request.model_name)
-            return loaded, 0.0
-        while len(self.resident) >= self.max_resident:
-            self._evict()
-        loaded = load_pipeline(Path(request.model_path), self.device, self.dtype, name=request.model_name,
-                               v_prediction=request.v_prediction)
-        self.resident[request.model_name] = loaded
-        return loaded, loaded.load_seconds
-
-    def _evict(self) -> None:
-        import gc
-
-        import torch
-
-        self.resident.popitem(last=False)
-        gc.collect()
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
+    def preload(self, message: Preload) -> Preloaded:
+        start = time.perf_counter()
+        try:
+            self.residency.preload(message.model_name, message.model_path, message.v_prediction)
+            error = None
+        except Exception as exc:  # reported; the job itself will try again and fault properly
+            error = f"{type(exc).__name__}: {exc}"
+        return Preloaded(message.model_name, time.perf_counter() - start, self.residency.names(), error)
 
     def generate(self, request: GenerateRequest, send) -> GenerateResult:
         """Run one job and return its images."""
@@ -85,7 +79,8 @@ class ModelRunner:
 
         from horde_worker.inference.pipelines import txt2img
 
-        loaded, load_seconds = self.model(request)
+        loaded, source, load_seconds = self.residency.acquire(request.model_name, request.model_path,
+                                                               request.v_prediction)
         start = time.perf_counter()
         with torch.inference_mode():
             images = txt2img(loaded, request, on_step=lambda s, t: send(Progress(request.job_id, s, t)))
@@ -94,7 +89,9 @@ class ModelRunner:
             images=images,
             load_seconds=load_seconds,
             sample_seconds=time.perf_counter() - start,
-            resident_models=list(self.resident),
+            resident_models=self.residency.names(),
+            load_source=source,
+            resident_bytes=self.residency.ram_bytes(),
         )
 
 
@@ -112,22 +109,45 @@ def slot_main(conn, spec: SlotSpec) -> None:
     from diffusers.utils import logging as diffusers_logging
 
     diffusers_logging.set_verbosity_error()
-    runner = ModelRunner(spec.device, spec.max_resident_models)
-    conn.send(SlotReady(spec.slot, os.getpid(), runner.device_name()))
+    runner = ModelRunner(spec)
+    send_lock = threading.Lock()
+
+    def send(message) -> None:
+        with send_lock:
+            conn.send(message)
+
+    jobs: queue.Queue = queue.Queue()
+    loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="preload")
+
+    def read() -> None:
+        # Reading in its own thread lets a preload start while a job samples.
+        while True:
+            try:
+                message = conn.recv()
+            except (EOFError, OSError):
+                jobs.put(Shutdown())
+                return
+            if isinstance(message, Preload):
+                loader.submit(lambda m=message: send(runner.preload(m)))
+                continue
+            jobs.put(message)
+            if isinstance(message, Shutdown):
+                return
+
+    threading.Thread(target=read, name="slot-reader", daemon=True).start()
+    send(SlotReady(spec.slot, os.getpid(), runner.device_name()))
     logger.info("slot {} ready on {}", spec.slot, runner.device_name())
     while True:
-        try:
-            message = conn.recv()
-        except (EOFError, OSError):
-            break
+        message = jobs.get()
         if isinstance(message, Shutdown):
             break
         if not isinstance(message, GenerateRequest):
             logger.warning("unknown message {!r}", message)
             continue
         try:
-            conn.send(runner.generate(message, conn.send))
+            send(runner.generate(message, send))
         except Exception as exc:
             logger.exception("job {} failed", message.job_id)
-            conn.send(GenerateFailed(message.job_id, f"{type(exc).__name__}: {exc}", list(runner.resident)))
+            send(GenerateFailed(message.job_id, f"{type(exc).__name__}: {exc}", runner.residency.names()))
+    loader.shutdown(wait=False, cancel_futures=True)
     logger.info("slot {} exits", spec.slot)

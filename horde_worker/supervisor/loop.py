@@ -20,7 +20,15 @@ from horde_worker import BRIDGE_AGENT
 from horde_worker.config.bridge_data import BridgeData
 from horde_worker.horde.client import HordeClient, HordeError, HordeUnreachable, RetryPolicy, SubmitOutcome
 from horde_worker.horde.wire import PopRequest, PopResponse
-from horde_worker.inference.messages import GenerateFailed, GenerateResult, Progress, SlotReady, SlotSpec
+from horde_worker.inference.messages import (
+    GenerateFailed,
+    GenerateResult,
+    Preload,
+    Preloaded,
+    Progress,
+    SlotReady,
+    SlotSpec,
+)
 from horde_worker.models.catalog import ModelCatalog
 from horde_worker.supervisor import jobspec
 from horde_worker.supervisor.job import Job, JobState
@@ -254,11 +262,29 @@ class Supervisor:
             job.advance(JobState.RUNNING)
             self.stats.job_started()
             self.pool.send(slot, jobspec.generate_request(job, self.catalog))
+            self._preload_next(slot)
+
+    def _preload_next(self, slot: Slot) -> None:
+        """While this slot samples, have it read the next waiting job's model from disk."""
+        upcoming = next((j for j in self.scheduler.waiting if self.catalog.has(j.model)), None)
+        if upcoming is None or upcoming.model in slot.resident or upcoming.model in slot.preloading:
+            return
+        model = self.catalog.get(upcoming.model)
+        slot.preloading.add(model.name)
+        self.pool.send(slot, Preload(model.name, str(model.path), model.v_prediction))
 
     def _on_message(self, slot: Slot, message: object) -> None:
         if isinstance(message, SlotReady):
             slot.ready = True
             logger.info("inference slot {} ready on {}", slot.spec.slot, message.device_name)
+        elif isinstance(message, Preloaded):
+            slot.preloading.discard(message.model_name)
+            slot.resident = list(message.resident_models)
+            if message.error:
+                logger.warning("preloading {} failed: {}", message.model_name, message.error)
+            elif message.seconds > 0:
+                logger.info("model {} preloaded in {:.2f}s while the slot worked", message.model_name,
+                            message.seconds)
         elif isinstance(message, Progress):
             job = self.jobs.get(message.job_id)
             if job is not None:
@@ -270,8 +296,10 @@ class Supervisor:
                 job.images = list(message.images)
                 job.advance(JobState.GENERATED)
                 self.stats.job_generated(job.megapixelsteps, message.load_seconds + message.sample_seconds)
-                logger.info("job {} generated in {:.2f}s (+{:.2f}s loading)", job.id, message.sample_seconds,
-                            message.load_seconds)
+                if message.load_source != "resident":
+                    logger.info("model switch to {}: from {} in {:.2f}s", job.model, message.load_source,
+                                message.load_seconds)
+                logger.info("job {} generated in {:.2f}s", job.id, message.sample_seconds)
                 self._spawn(self._finish(job))
         elif isinstance(message, GenerateFailed):
             slot.job_id, slot.resident = None, list(message.resident_models)

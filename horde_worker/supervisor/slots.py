@@ -29,6 +29,7 @@ class Slot:
     device_name: str = ""
     job_id: str | None = None
     resident: list[str] = field(default_factory=list)
+    preloading: set[str] = field(default_factory=set)
     restarts: int = 0
     generation: int = 0  # bumps on every restart so stale reader threads are ignored
 
@@ -62,6 +63,7 @@ class SlotPool:
         child.close()  # so that the parent's end reads EOF when the process dies
         slot.generation += 1
         slot.process, slot.conn, slot.ready, slot.job_id, slot.resident = process, parent, False, None, []
+        slot.preloading = set()
         reader = threading.Thread(target=self._read, args=(slot, parent, slot.generation),
                                   name=f"slot-{slot.spec.slot}-reader", daemon=True)
         reader.start()

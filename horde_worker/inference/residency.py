@@ -1,0 +1,178 @@
+"""Which models stay where: on the device, in RAM, or only on disk.
+
+Models move disk -> RAM -> device and back by least-recent use. The device holds as many as
+its budget allows (at least the one in use); models pushed off the device wait in RAM while the
+RAM budget allows, and are dropped otherwise. Dropping frees the memory back to the system, so
+a long run with many switches keeps a flat footprint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import gc
+import sys
+import threading
+import time
+from collections import OrderedDict
+from concurrent.futures import Future
+from pathlib import Path
+
+import torch
+from loguru import logger
+
+from horde_worker.inference.pipelines import LoadedModel, load_pipeline
+
+
+def pipeline_bytes(model: LoadedModel) -> int:
+    """Bytes of weights and buffers of every torch module in the pipeline."""
+    total = 0
+    for component in model.pipeline.components.values():
+        if isinstance(component, torch.nn.Module):
+            for tensor in (*component.parameters(), *component.buffers()):
+                total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def release_memory(device: torch.device) -> None:
+    """Give freed memory back: Python objects, glibc's heap, and the CUDA cache."""
+    gc.collect()
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError):
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+class Residency:
+    """Model placement for one inference process."""
+
+    def __init__(self, device: torch.device, dtype: torch.dtype, ram_budget: int | None, device_budget: int | None):
+        self.device = device
+        self.dtype = dtype
+        self.ram_budget = ram_budget
+        self.device_budget = device_budget
+        self.on_device: OrderedDict[str, LoadedModel] = OrderedDict()
+        self.in_ram: OrderedDict[str, LoadedModel] = OrderedDict()
+        self.sizes: dict[str, int] = {}
+        self._lock = threading.RLock()
+        self._loading: dict[str, Future] = {}
+
+    @property
+    def on_cpu(self) -> bool:
+        return self.device.type == "cpu"
+
+    def names(self) -> list[str]:
+        with self._lock:
+            return list(self.on_device) + [n for n in self.in_ram if n not in self.on_device]
+
+    def ram_bytes(self) -> int:
+        """Bytes of models held in RAM (on a CPU device, that includes the ones in use)."""
+        with self._lock:
+            held = list(self.in_ram) + (list(self.on_device) if self.on_cpu else [])
+            return sum(self.sizes.get(n, 0) for n in held)
+
+    def device_bytes(self) -> int:
+        with self._lock:
+            return sum(self.sizes.get(n, 0) for n in self.on_device)
+
+    # --- loading -----------------------------------------------------------------------------
+
+    def _read(self, name: str, path: str, v_prediction: bool) -> LoadedModel:
+        target = self.device if self.on_cpu else torch.device("cpu")
+        dtype = self.dtype
+        return load_pipeline(Path(path), target, dtype, name=name, v_prediction=v_prediction)
+
+    def preload(self, name: str, path: str, v_prediction: bool = False) -> float:
+        """Read a model into RAM (on a CPU device: where it runs). Returns the seconds it took."""
+        with self._lock:
+            if name in self.on_device or name in self.in_ram or name in self._loading:
+                return 0.0
+            future: Future = Future()
+            self._loading[name] = future
+        start = time.perf_counter()
+        try:
+            model = self._read(name, path, v_prediction)
+            size = pipeline_bytes(model)
+            with self._lock:
+                self.sizes[name] = size
+                self._fit_ram(size, keep=set())
+                self.in_ram[name] = model
+            future.set_result(model)
+        except BaseException as exc:
+            future.set_exception(exc)
+            raise
+        finally:
+            with self._lock:
+                self._loading.pop(name, None)
+        return time.perf_counter() - start
+
+    def acquire(self, name: str, path: str, v_prediction: bool = False) -> tuple[LoadedModel, str, float]:
+        """The model on the device, ready to run: (model, where it came from, seconds spent)."""
+        start = time.perf_counter()
+        with self._lock:
+            if name in self.on_device:
+                self.on_device.move_to_end(name)
+                return self.on_device[name], "resident", 0.0
+            pending = self._loading.get(name)
+        if pending is not None:
+            pending.result()
+        with self._lock:
+            source = "ram" if name in self.in_ram else "disk"
+        if source == "disk":
+            self.preload(name, path, v_prediction)
+        with self._lock:
+            model = self.in_ram.pop(name)
+            self._fit_device(self.sizes[name], keep={name})
+            if not self.on_cpu:
+                model.pipeline.to(self.device)
+            self.on_device[name] = model
+        return model, source, time.perf_counter() - start
+
+    # --- budgets -------------------------------------------------------------------------------
+
+    def _fit_device(self, incoming: int, keep: set[str]) -> None:
+        """Make room on the device: least recently used models move to RAM (or are dropped)."""
+        budget = self.device_budget
+        while self.on_device:
+            used = sum(self.sizes[n] for n in self.on_device)
+            limit_models = self.on_cpu  # on a CPU, "device" and RAM are the same memory
+            if limit_models:
+                over = self.ram_budget is not None and self.ram_bytes() + incoming > self.ram_budget
+            else:
+                over = budget is not None and used + incoming > budget
+            if not over:
+                return
+            victim = next((n for n in self.on_device if n not in keep), None)
+            if victim is None:
+                return
+            model = self.on_device.pop(victim)
+            if self.on_cpu:
+                self._drop(victim, model)
+                continue
+            model.pipeline.to("cpu")
+            if self.ram_budget is None or self.ram_bytes() + self.sizes[victim] <= self.ram_budget:
+                self.in_ram[victim] = model
+                logger.debug("{} moved from the device to RAM", victim)
+            else:
+                self._drop(victim, model)
+            release_memory(self.device)
+
+    def _fit_ram(self, incoming: int, keep: set[str]) -> None:
+        """Make room in RAM for `incoming` bytes by dropping the least recently used cached models."""
+        if self.ram_budget is None:
+            return
+        while self.in_ram and self.ram_bytes() + incoming > self.ram_budget:
+            victim = next((n for n in self.in_ram if n not in keep), None)
+            if victim is None:
+                return
+            self._drop(victim, self.in_ram.pop(victim))
+        if self.on_cpu:
+            # The models in use live in RAM too: keep at most what fits beside the incoming one.
+            self._fit_device(incoming, keep=keep)
+
+    def _drop(self, name: str, model: LoadedModel) -> None:
+        logger.debug("{} dropped from memory", name)
+        self.sizes.pop(name, None)
+        del model
+        release_memory(self.device)
