@@ -35,7 +35,6 @@ NOT_YET_HONOURED: dict[str, str] = {
     "censor_nsfw": "the safety checker is not built yet",
     "censorlist": "the safety checker is not built yet",
     "safety_on_gpu": "the safety checker is not built yet",
-    "civitai_api_token": "LoRA and textual inversion downloads are not built yet",
     "max_lora_cache_size": "LoRA is not supported yet",
     "purge_loras_on_download": "LoRA is not supported yet",
     "high_memory_mode": "memory modes are not built yet",
