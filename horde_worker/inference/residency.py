@@ -34,6 +34,14 @@ def pipeline_bytes(model: LoadedModel) -> int:
     return total
 
 
+def move(model: LoadedModel, device: torch.device | str) -> None:
+    """Move every module of the pipeline (module by module: the pipeline-level move warns about fp16 on a CPU,
+    which is only where the weights wait, never where they run)."""
+    for component in model.pipeline.components.values():
+        if isinstance(component, torch.nn.Module):
+            component.to(device)
+
+
 def release_memory(device: torch.device) -> None:
     """Give freed memory back: Python objects, glibc's heap, and the CUDA cache."""
     gc.collect()
@@ -125,7 +133,7 @@ class Residency:
             model = self.in_ram.pop(name)
             self._fit_device(self.sizes[name], keep={name})
             if not self.on_cpu:
-                model.pipeline.to(self.device)
+                move(model, self.device)
             self.on_device[name] = model
         return model, source, time.perf_counter() - start
 
@@ -150,7 +158,7 @@ class Residency:
             if self.on_cpu:
                 self._drop(victim, model)
                 continue
-            model.pipeline.to("cpu")
+            move(model, "cpu")
             if self.ram_budget is None or self.ram_bytes() + self.sizes[victim] <= self.ram_budget:
                 self.in_ram[victim] = model
                 logger.debug("{} moved from the device to RAM", victim)
