@@ -119,3 +119,27 @@ def test_bad_bridge_data_fails_fast_naming_the_key(local_horde, start_worker):
     assert code == 2
     output = worker.output()
     assert "max_threads" in output and "'many'" in output and "valid integer" in output
+
+
+def test_two_models_switch_preload_and_sdxl_through_the_worker(tmp_path, local_horde, start_worker):
+    from horde_worker.inference.tiny import write_tiny_checkpoint
+
+    xl = write_tiny_checkpoint(tmp_path / "my-xl.safetensors", "stable_diffusion_xl")
+    local_horde.state.models.append("my-xl")
+    worker = start_worker(local_horde, models_to_load=["horde-worker-tiny-sd15", "my-xl"],
+                          custom_models=[{"name": "my-xl", "baseline": "stable_diffusion_xl", "filepath": str(xl)}],
+                          queue_size=2, ram_to_leave_free="0%")
+    ids = []
+    for i in range(4):
+        body = {"prompt": f"switch {i}", "models": ["my-xl" if i % 2 else "horde-worker-tiny-sd15"],
+                "params": {"steps": 3, "width": 192, "height": 192, "n": 1}}
+        ids.append(requests.post(f"{local_horde.url}/v2/generate/async", json=body, timeout=10).json()["id"])
+    wait_for(lambda: all(status(local_horde, r)["done"] for r in ids), 240, "requests for two models")
+    for request_id, model in zip(ids, ["horde-worker-tiny-sd15", "my-xl"] * 2, strict=True):
+        ((gen, img),) = images_of(local_horde, request_id)
+        assert gen["model"] == model and img.shape == (192, 192, 3)
+    log = worker.output()
+    assert "serving 2 model(s)" in log
+    assert "preloaded in" in log and "model switch to my-xl: from ram" in log
+    worker.interrupt()
+    assert worker.wait(timeout=60) == 0
