@@ -17,7 +17,7 @@ from loguru import logger
 
 from horde_worker import BRIDGE_AGENT
 from horde_worker.config import ConfigError, ConfigWatcher, load_config
-from horde_worker.config.bridge_data import BridgeData
+from horde_worker.config.bridge_data import MODEL_KEYS, BridgeData
 from horde_worker.inference.messages import SlotSpec
 
 # The summary of the last supervisor run, printed as the very last line of output.
@@ -171,6 +171,23 @@ def run_supervisor(settings: BridgeData, client, catalog, devices: list[str], ar
             logger.info("setting applied: {} = {!r}", key, "********" if "key" in key else value)
         for message in restart:
             logger.warning(message)
+        if MODEL_KEYS & set(applied):
+            threading.Thread(target=reload_models, name="model-reload", daemon=True).start()
+
+    def reload_models() -> None:
+        from horde_worker.models.setup import prepare_models
+
+        try:
+            new_catalog, notices = prepare_models(settings, show_progress=False)
+        except Exception as exc:  # keep serving what we have
+            logger.error("the new model list could not be prepared: {}", exc)
+            return
+        for notice in notices:
+            logger.warning(notice)
+        if not len(new_catalog):
+            logger.error("models_to_load: the new list has no model that can be served; keeping the old one")
+            return
+        supervisor.replace_catalog_threadsafe(new_catalog)
 
     supervisor = Supervisor(settings, client, catalog, slot_specs(devices, settings, args.log_dir),
                             journal_dir(settings), stop_condition=stop_condition,

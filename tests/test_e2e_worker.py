@@ -143,3 +143,29 @@ def test_two_models_switch_preload_and_sdxl_through_the_worker(tmp_path, local_h
     assert "preloaded in" in log and "model switch to my-xl: from ram" in log
     worker.interrupt()
     assert worker.wait(timeout=60) == 0
+
+
+def test_models_added_to_bridge_data_while_running_are_served(tmp_path, local_horde, start_worker):
+    import os
+
+    import yaml
+
+    from horde_worker.inference.tiny import write_tiny_checkpoint
+
+    local_horde.state.models.append("my-sd2")
+    worker = start_worker(local_horde)
+    wait_for(lambda: "slot 0 ready" in worker.output(), 90, "the worker to start")
+    sd2 = write_tiny_checkpoint(tmp_path / "my-sd2.safetensors", "stable_diffusion_2")
+    config = tmp_path / "bridgeData.yaml"
+    settings = yaml.safe_load(config.read_text())
+    settings["models_to_load"].append("my-sd2")
+    settings["custom_models"] = [{"name": "my-sd2", "baseline": "stable_diffusion_2", "filepath": str(sd2)}]
+    config.write_text(yaml.safe_dump(settings))
+    later = time.time() + 10
+    os.utime(config, (later, later))
+    body = {"prompt": "new model", "models": ["my-sd2"], "params": {"steps": 3, "width": 128, "height": 128}}
+    request_id = requests.post(f"{local_horde.url}/v2/generate/async", json=body, timeout=10).json()["id"]
+    wait_for(lambda: status(local_horde, request_id)["done"], 120, "the request for the added model")
+    ((gen, img),) = images_of(local_horde, request_id)
+    assert gen["model"] == "my-sd2" and img.shape == (128, 128, 3)
+    assert "added my-sd2" in worker.output()

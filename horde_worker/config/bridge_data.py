@@ -22,7 +22,10 @@ LIVE_KEYS = frozenset({
     "allow_img2img", "allow_painting", "allow_unsafe_ip", "allow_post_processing", "allow_controlnet",
     "allow_sdxl_controlnet", "allow_lora", "extra_slow_worker", "limit_max_steps", "require_upfront_kudos",
     "stats_output_frequency", "limited_console_messages",
+    "models_to_load", "models_to_skip", "custom_models", "load_large_models",
 })
+# Live keys that change which models are served: new ones are downloaded, then advertised.
+MODEL_KEYS = frozenset({"models_to_load", "models_to_skip", "custom_models", "load_large_models"})
 
 # Accepted for compatibility, not acted on yet: each says so at start when set.
 NOT_YET_HONOURED: dict[str, str] = {

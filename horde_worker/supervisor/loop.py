@@ -90,6 +90,20 @@ class Supervisor:
         self.stopping = True
         self._poke()
 
+    def replace_catalog_threadsafe(self, catalog: ModelCatalog) -> None:
+        """Serve a new set of models from the next pop on (called from another thread)."""
+        def swap() -> None:
+            added = set(catalog.names()) - set(self.catalog.names())
+            removed = set(self.catalog.names()) - set(catalog.names())
+            self.catalog = catalog
+            logger.info("now serving {} model(s){}{}", len(catalog),
+                        f"; added {', '.join(sorted(added))}" if added else "",
+                        f"; removed {', '.join(sorted(removed))}" if removed else "")
+            self._poke()
+
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(swap)
+
     def _poke(self) -> None:
         if self._wake is not None:
             self._wake.set()
@@ -250,6 +264,10 @@ class Supervisor:
                 continue
             job = self.scheduler.pick(slot.resident)
             if job is None:
+                continue
+            if not self.catalog.has(job.model):
+                job.advance(JobState.FAULTED, f"model {job.model!r} is no longer served")
+                self._spawn(self._finish(job))
                 continue
             if time.time() > job.deadline:
                 job.advance(JobState.ABANDONED)
