@@ -69,5 +69,50 @@ def test_large_and_unsupported_baselines_are_refused_at_start_with_a_reason(tmp_
     plan = plan_catalog(["Stable Cascade 1.0", "Flux.1-Schnell fp8 (Compact)", "SDXL 1.0"], [], tmp_path, reference,
                         {}, load_large_models=True)
     assert any("Stable Cascade is not supported" in n for n in plan.notices)
-    assert any("Flux is not supported" in n for n in plan.notices)
-    assert [e.name for e, _ in plan.to_download] == ["SDXL 1.0"]
+    downloads = [(e.name, t.dest.name) for e, t in plan.to_download]
+    assert downloads == [("Flux.1-Schnell fp8 (Compact)", "flux1CompactCLIPAnd_Flux1SchnellFp8.safetensors"),
+                         ("Flux.1-Schnell fp8 (Compact)", "tokenizer.json"),
+                         ("SDXL 1.0", "sd_xl_base_1.0.safetensors")]
+    without = plan_catalog(["Flux.1-Schnell fp8 (Compact)"], [], tmp_path, reference, {})
+    assert any("load_large_models" in n for n in without.notices) and not without.to_download
+
+
+@pytest.fixture(scope="module")
+def flux_checkpoints(tmp_path_factory):
+    from horde_worker.inference.tiny import write_tiny_flux_checkpoint
+
+    folder = tmp_path_factory.mktemp("flux")
+    return {"schnell": write_tiny_flux_checkpoint(folder / "schnell.safetensors", fp8=True),
+            "dev": write_tiny_flux_checkpoint(folder / "dev.safetensors", seed=1, guidance=True, fp8=False)}
+
+
+def test_flux_transformer_layout_round_trips_exactly():
+    from horde_worker.inference import flux
+    from horde_worker.inference.tiny import tiny_flux_components
+
+    transformer = tiny_flux_components(guidance=True)[0]
+    bfl = {flux.TRANSFORMER_PREFIX + k: v for k, v in flux.bfl_from_transformer(transformer).items()}
+    assert "model.diffusion_model.double_blocks.0.img_attn.qkv.weight" in bfl
+    assert "model.diffusion_model.single_blocks.0.linear1.weight" in bfl
+    rebuilt = flux.build_transformer(bfl, torch.float32)
+    assert rebuilt.config.guidance_embeds and rebuilt.config.num_attention_heads == 2
+    a, b = transformer.state_dict(), rebuilt.state_dict()
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("variant", ["schnell", "dev"])
+def test_flux_all_in_one_generates_offline(flux_checkpoints, variant):
+    from horde_worker.inference.samplers import UnsupportedSampler
+
+    model = load_pipeline(flux_checkpoints[variant], torch.device("cpu"), torch.float32)
+    assert model.baseline == "flux_1" and type(model.pipeline).__name__ == "FluxPipeline"
+    assert model.pipeline.scheduler.config.use_dynamic_shifting == (variant == "dev")
+    first, second = txt2img(model, request(seeds=[5, 6], width=128, height=192, prompt="a red fox"))
+    assert first.shape == (192, 128, 3) and np.abs(first.astype(int) - second.astype(int)).mean() > 5
+    again = txt2img(model, request(seeds=[5], width=128, height=192, prompt="a red fox"))[0]
+    assert np.abs(again.astype(int) - first.astype(int)).max() <= 2
+    guided = txt2img(model, request(seeds=[5], width=128, height=192, prompt="a red fox",
+                                    negative_prompt="blue sea", cfg_scale=3.0))[0]
+    assert np.abs(guided.astype(int) - first.astype(int)).mean() > 0.5  # true CFG with the negative prompt
+    with pytest.raises(UnsupportedSampler, match="k_euler only"):
+        txt2img(model, request(sampler_name="k_euler_a", width=128, height=128))

@@ -58,7 +58,9 @@ def load_pipeline(path: Path, device: torch.device, dtype: torch.dtype, name: st
     if path.is_dir():
         pipe, baseline = _load_folder(path)
     else:
-        pipe, baseline = _load_single_file(path, v_prediction)
+        pipe, baseline = _load_single_file(path, v_prediction, dtype)
+    if baseline == "flux_1" and dtype == torch.float16:
+        dtype = torch.bfloat16  # Flux overflows fp16
     pipe = pipe.to(device=device, dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
     apply_speedups(pipe, device)
@@ -84,12 +86,17 @@ def _load_folder(path: Path):
     return pipe, "stable_diffusion_xl" if is_xl else "stable_diffusion_1"
 
 
-def _load_single_file(path: Path, v_prediction: bool):
+def _load_single_file(path: Path, v_prediction: bool, dtype: torch.dtype):
     from dataclasses import replace
 
     from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
+    from horde_worker.inference import flux
+
     state_dict = checkpoint.load_state_dict(path)
+    if flux.is_flux(state_dict):
+        load_dtype = torch.bfloat16 if dtype == torch.float16 else dtype
+        return flux.build_pipeline(state_dict, path, load_dtype), "flux_1"
     info = checkpoint.inspect_checkpoint(state_dict)
     if v_prediction:
         info = replace(info, prediction_type="v_prediction")
@@ -148,6 +155,22 @@ def apply_speedups(pipe, device: torch.device) -> None:
         pipe.fuse_qkv_projections()
 
 
+def _flux_call(model: LoadedModel, request: GenerateRequest, count: int, common: dict):
+    """Flux runs its own flow-matching Euler sampler: the horde's k_euler, and nothing else."""
+    from horde_worker.inference.samplers import UnsupportedSampler
+
+    if request.sampler_name != "k_euler":
+        raise UnsupportedSampler(f"Flux models run k_euler only, not {request.sampler_name!r}")
+    pipe = model.pipeline
+    extra: dict[str, Any] = {}
+    if request.negative_prompt and request.cfg_scale > 1:
+        # A negative prompt needs true classifier-free guidance: two passes per step.
+        extra = {"negative_prompt": [request.negative_prompt] * count, "true_cfg_scale": request.cfg_scale}
+    distilled = pipe.transformer.config.guidance_embeds
+    return pipe(prompt=[request.prompt] * count, guidance_scale=request.cfg_scale if distilled else 0.0,
+                max_sequence_length=512 if distilled else 256, **extra, **common)
+
+
 def split_prompt(prompt: str) -> tuple[str, str]:
     """Split a horde prompt into (positive, negative) at the first `###`."""
     positive, sep, negative = prompt.partition("###")
@@ -162,8 +185,6 @@ def txt2img(
     """Generate `len(request.seeds)` images; image i depends only on seed i, so any one of them is
     regenerated exactly by a job with that seed alone."""
     pipe = model.pipeline
-    pipe.scheduler = make_scheduler(request.sampler_name, request.karras, model.scheduler_config)
-
     count = len(request.seeds)
     # CPU generators make a seed give the same noise on every device.
     generators = [torch.Generator("cpu").manual_seed(int(seed)) for seed in request.seeds]
@@ -173,17 +194,18 @@ def txt2img(
             on_step(step + 1, request.steps)
         return tensors
 
-    output = pipe(
-        prompt=[request.prompt] * count,
-        negative_prompt=[request.negative_prompt] * count if request.negative_prompt else None,
-        width=request.width,
-        height=request.height,
-        num_inference_steps=request.steps,
-        guidance_scale=request.cfg_scale,
-        generator=generators,
-        clip_skip=request.clip_skip - 1 if request.clip_skip > 1 else None,
-        output_type="np",
-        callback_on_step_end=step_end,
-    )
+    common = dict(width=request.width, height=request.height, num_inference_steps=request.steps,
+                  generator=generators, output_type="np", callback_on_step_end=step_end)
+    if model.baseline == "flux_1":
+        output = _flux_call(model, request, count, common)
+    else:
+        pipe.scheduler = make_scheduler(request.sampler_name, request.karras, model.scheduler_config)
+        output = pipe(
+            prompt=[request.prompt] * count,
+            negative_prompt=[request.negative_prompt] * count if request.negative_prompt else None,
+            guidance_scale=request.cfg_scale,
+            clip_skip=request.clip_skip - 1 if request.clip_skip > 1 else None,
+            **common,
+        )
     images = np.clip(np.rint(output.images * 255.0), 0, 255).astype(np.uint8)
     return [images[i] for i in range(count)]

@@ -155,3 +155,61 @@ def ensure_demo_model(models_dir: Path) -> Path:
         if process.exitcode != 0 or not path.exists():
             raise RuntimeError(f"could not create the demo model at {path} (exit code {process.exitcode})")
     return path
+
+
+def write_tiny_t5_tokenizer(folder: Path) -> Path:
+    """A small T5-style (unigram, metaspace) tokenizer.json for tests and the demo: the real T5 vocabulary
+    is not shipped with the worker."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+
+    words = ("a the of and in on with to at photo picture lighthouse cat dog fox red blue castle sea").split()
+    letters = "abcdefghijklmnopqrstuvwxyz0123456789"
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+    vocab += [(f"\u2581{w}", -2.0) for w in words] + [("\u2581", -3.0)] + [(c, -4.0) for c in letters]
+    tokenizer = Tokenizer(models.Unigram(vocab, unk_id=2))
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
+    tokenizer.decoder = decoders.Metaspace()
+    tokenizer.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    path = Path(folder) / "tokenizer.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(str(path))
+    return path
+
+
+def tiny_flux_components(seed: int = 0, guidance: bool = False):
+    """(transformer, vae, clip_l, t5) of Flux.1's architecture with tiny widths (dev when `guidance`)."""
+    import torch
+    from diffusers import AutoencoderKL, FluxTransformer2DModel
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(
+        in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=32, num_attention_heads=2,
+        joint_attention_dim=32, pooled_projection_dim=64, guidance_embeds=guidance, axes_dims_rope=(4, 14, 14),
+    )
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(32, 32, 32, 32), layers_per_block=1,
+        latent_channels=16, norm_num_groups=32, sample_size=512, scaling_factor=0.3611, shift_factor=0.1159,
+        use_quant_conv=False, use_post_quant_conv=False,
+    )
+    t5 = T5EncoderModel(T5Config(vocab_size=64, d_model=32, d_kv=16, d_ff=64, num_layers=1, num_heads=2,
+                                 feed_forward_proj="gated-gelu", is_encoder_decoder=False))
+    return transformer.eval(), vae.eval(), _tiny_text_tower("quick_gelu", layers=2), t5.eval()
+
+
+def write_tiny_flux_checkpoint(path: Path, seed: int = 0, guidance: bool = False, fp8: bool = True) -> Path:
+    """A tiny all-in-one Flux checkpoint (transformer in fp8 like the horde's), with its T5 tokenizer beside."""
+    import torch
+
+    from horde_worker.inference import flux, ldm_export
+
+    transformer, vae, clip_l, t5 = tiny_flux_components(seed, guidance)
+    storage = torch.float8_e4m3fn if fp8 else torch.float32
+    tensors = {flux.TRANSFORMER_PREFIX + k: v.to(storage) for k, v in flux.bfl_from_transformer(transformer).items()}
+    tensors.update({k.replace("cond_stage_model.transformer.", flux.CLIP_PREFIX): v
+                    for k, v in ldm_export.text_encoder_to_ldm(clip_l).items()})
+    tensors.update({flux.T5_PREFIX + k: v for k, v in t5.state_dict().items() if k != "encoder.embed_tokens.weight"})
+    tensors.update({k.replace("first_stage_model.", flux.VAE_PREFIX, 1): v for k, v in ldm_export.vae_to_ldm(vae).items()})
+    write_tiny_t5_tokenizer(Path(path).parent / flux.T5_TOKENIZER_DIR)
+    return ldm_export.save_tensors(Path(path), tensors)

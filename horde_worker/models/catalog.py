@@ -9,16 +9,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from horde_worker.inference.flux_files import T5_TOKENIZER_DIR, T5_TOKENIZER_URL
 from horde_worker.inference.tiny import DEMO_MODEL_NAME, ensure_demo_model
 from horde_worker.models.download import DownloadTask
 from horde_worker.models.reference import ModelEntry, ModelReference
 from horde_worker.models.resolve import resolve
 
 # Baselines whose checkpoints this worker loads and generates with.
-LOADABLE_BASELINES = {"stable_diffusion_1", "stable_diffusion_2", "stable_diffusion_xl"}
+LOADABLE_BASELINES = {"stable_diffusion_1", "stable_diffusion_2", "stable_diffusion_xl", "flux_1"}
 REFUSED_BASELINES = {
     "stable_cascade": "Stable Cascade is not supported by this worker",
-    "flux_1": "Flux is not supported by this worker yet",
 }
 
 
@@ -105,11 +105,19 @@ def plan_catalog(models_to_load: list[str], models_to_skip: list[str], cache_hom
             plan.notices.append(f"models_to_load: {entry.name!r} is left out: {why}")
             continue
         path = checkpoint_path(entry, cache_home)
-        if path.exists():
-            plan.ready.append(ServedModel(entry.name, path, entry.baseline, entry.v_prediction))
-        elif not entry.checkpoint.url:
-            plan.notices.append(f"models_to_load: {entry.name!r}: {path} is missing and the reference gives no URL")
-        else:
+        missing = []
+        if not path.exists():
+            if not entry.checkpoint.url:
+                plan.notices.append(f"models_to_load: {entry.name!r}: {path} is missing and the reference gives no URL")
+                continue
             size = entry.size_bytes if len(entry.files) == 1 else None
-            plan.to_download.append((entry, DownloadTask(entry.checkpoint.url, path, entry.checkpoint.sha256, size)))
+            missing.append(DownloadTask(entry.checkpoint.url, path, entry.checkpoint.sha256, size))
+        if entry.baseline == "flux_1":
+            tokenizer = path.parent / T5_TOKENIZER_DIR / "tokenizer.json"
+            if not tokenizer.exists() and not any(t.dest == tokenizer for _, t in plan.to_download):
+                missing.append(DownloadTask(T5_TOKENIZER_URL, tokenizer, None, None))
+        if missing:
+            plan.to_download += [(entry, task) for task in missing]
+        else:
+            plan.ready.append(ServedModel(entry.name, path, entry.baseline, entry.v_prediction))
     return plan

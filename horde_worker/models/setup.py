@@ -54,7 +54,13 @@ def prepare_models(settings: BridgeData, show_progress: bool = True) -> tuple[Mo
         except DownloadError as exc:
             errors = [str(exc)]
         notices += errors
+        from horde_worker.models.catalog import checkpoint_path
+
+        by_model: dict[str, list] = {}
         for entry, task in plan.to_download:
-            if task.dest.exists():
-                ready.append(ServedModel(entry.name, task.dest, entry.baseline, entry.v_prediction))
+            by_model.setdefault(entry.name, [entry, []])[1].append(task)
+        for entry, tasks in by_model.values():
+            if all(task.dest.exists() for task in tasks):
+                ready.append(ServedModel(entry.name, checkpoint_path(entry, Path(settings.cache_home)), entry.baseline,
+                                         entry.v_prediction))
     return ModelCatalog(ready), notices

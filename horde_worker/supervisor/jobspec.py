@@ -46,6 +46,8 @@ def unsupported_reason(job: Job, catalog: ModelCatalog) -> str | None:
         return f"source images ({pop.source_processing}) are not supported yet"
     if payload.sampler_name not in SAMPLERS:
         return f"sampler {payload.sampler_name!r} is not implemented by this worker"
+    if catalog.get(job.model).baseline == "flux_1" and payload.sampler_name != "k_euler":
+        return f"Flux models run k_euler only, not {payload.sampler_name!r}"
     unsupported = [name for name, used in (
         ("hires_fix", payload.hires_fix), ("tiling", payload.tiling), ("post_processing", payload.post_processing),
         ("loras", payload.loras), ("tis", payload.tis), ("control_type", payload.control_type),

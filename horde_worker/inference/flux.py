@@ -1,0 +1,252 @@
+"""Flux.1 (schnell and dev) from one all-in-one checkpoint, as the horde's reference ships it.
+
+The file holds four parts under prefixes: `model.diffusion_model.` (the transformer in Black
+Forest Labs' layout, often fp8), `text_encoders.clip_l.transformer.` (CLIP-L),
+`text_encoders.t5xxl.transformer.` (T5-XXL encoder) and `vae.` (the 16-channel autoencoder).
+The transformer's layout is mapped onto diffusers' by name, with widths read off the tensors.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import torch
+
+from horde_worker.inference.checkpoint import CheckpointError, _count_indices, _load_exact, skip_weight_init
+from horde_worker.inference.flux_files import T5_TOKENIZER_DIR, T5_TOKENIZER_URL
+
+TRANSFORMER_PREFIX = "model.diffusion_model."
+CLIP_PREFIX = "text_encoders.clip_l.transformer."
+T5_PREFIX = "text_encoders.t5xxl.transformer."
+VAE_PREFIX = "vae."
+ASSETS = Path(__file__).parent / "assets" / "schedulers"
+
+
+def is_flux(state_dict: dict[str, torch.Tensor]) -> bool:
+    return any(k.startswith(TRANSFORMER_PREFIX + "double_blocks.") or k.startswith("double_blocks.")
+               for k in state_dict)
+
+
+def _swap_halves(weight: torch.Tensor) -> torch.Tensor:
+    """BFL's final modulation is (shift, scale); diffusers' is (scale, shift)."""
+    first, second = weight.chunk(2, dim=0)
+    return torch.cat([second, first], dim=0)
+
+
+# (BFL name, diffusers name) inside each double block; "qkv" entries are split in three.
+_DOUBLE = [
+    ("img_mod.lin", "norm1.linear"), ("txt_mod.lin", "norm1_context.linear"),
+    ("img_attn.proj", "attn.to_out.0"), ("txt_attn.proj", "attn.to_add_out"),
+    ("img_mlp.0", "ff.net.0.proj"), ("img_mlp.2", "ff.net.2"),
+    ("txt_mlp.0", "ff_context.net.0.proj"), ("txt_mlp.2", "ff_context.net.2"),
+]
+_DOUBLE_NORMS = [
+    ("img_attn.norm.query_norm.scale", "attn.norm_q.weight"), ("img_attn.norm.key_norm.scale", "attn.norm_k.weight"),
+    ("txt_attn.norm.query_norm.scale", "attn.norm_added_q.weight"),
+    ("txt_attn.norm.key_norm.scale", "attn.norm_added_k.weight"),
+]
+_SINGLE = [("modulation.lin", "norm.linear"), ("linear2", "proj_out")]
+_SINGLE_NORMS = [("norm.query_norm.scale", "attn.norm_q.weight"), ("norm.key_norm.scale", "attn.norm_k.weight")]
+_TOP = [
+    ("img_in", "x_embedder"), ("txt_in", "context_embedder"),
+    ("time_in.in_layer", "time_text_embed.timestep_embedder.linear_1"),
+    ("time_in.out_layer", "time_text_embed.timestep_embedder.linear_2"),
+    ("vector_in.in_layer", "time_text_embed.text_embedder.linear_1"),
+    ("vector_in.out_layer", "time_text_embed.text_embedder.linear_2"),
+    ("guidance_in.in_layer", "time_text_embed.guidance_embedder.linear_1"),
+    ("guidance_in.out_layer", "time_text_embed.guidance_embedder.linear_2"),
+    ("final_layer.linear", "proj_out"),
+]
+
+
+def transformer_weights_from_bfl(bfl: dict[str, torch.Tensor], inner: int) -> dict[str, torch.Tensor]:
+    """BFL-layout transformer tensors (no prefix) in diffusers' names."""
+    out: dict[str, torch.Tensor] = {}
+
+    def copy(src: str, dst: str) -> None:
+        for kind in ("weight", "bias"):
+            if f"{src}.{kind}" in bfl:
+                out[f"{dst}.{kind}"] = bfl[f"{src}.{kind}"]
+
+    for src, dst in _TOP:
+        copy(src, dst)
+    for kind in ("weight", "bias"):
+        key = f"final_layer.adaLN_modulation.1.{kind}"
+        out[f"norm_out.linear.{kind}"] = _swap_halves(bfl[key])
+    for i in sorted(_count_indices(list(bfl), r"double_blocks\.(\d+)\.")):
+        src, dst = f"double_blocks.{i}.", f"transformer_blocks.{i}."
+        for a, b in _DOUBLE:
+            copy(src + a, dst + b)
+        for a, b in _DOUBLE_NORMS:
+            out[dst + b] = bfl[src + a]
+        for stream, names in (("img_attn", ("to_q", "to_k", "to_v")), ("txt_attn", ("add_q_proj", "add_k_proj",
+                                                                                    "add_v_proj"))):
+            for kind in ("weight", "bias"):
+                for name, part in zip(names, bfl[f"{src}{stream}.qkv.{kind}"].chunk(3, dim=0), strict=True):
+                    out[f"{dst}attn.{name}.{kind}"] = part
+    for i in sorted(_count_indices(list(bfl), r"single_blocks\.(\d+)\.")):
+        src, dst = f"single_blocks.{i}.", f"single_transformer_blocks.{i}."
+        for a, b in _SINGLE:
+            copy(src + a, dst + b)
+        for a, b in _SINGLE_NORMS:
+            out[dst + b] = bfl[src + a]
+        for kind in ("weight", "bias"):
+            fused = bfl[f"{src}linear1.{kind}"]
+            q, k, v, mlp = torch.split(fused, [inner, inner, inner, fused.shape[0] - 3 * inner], dim=0)
+            for name, part in (("attn.to_q", q), ("attn.to_k", k), ("attn.to_v", v), ("proj_mlp", mlp)):
+                out[f"{dst}{name}.{kind}"] = part
+    return out
+
+
+def bfl_from_transformer(model) -> dict[str, torch.Tensor]:
+    """The inverse mapping, for writing test checkpoints in the layout real files have."""
+    state = model.state_dict()
+    out: dict[str, torch.Tensor] = {}
+
+    def copy(src: str, dst: str) -> None:
+        for kind in ("weight", "bias"):
+            if f"{dst}.{kind}" in state:
+                out[f"{src}.{kind}"] = state[f"{dst}.{kind}"]
+
+    for src, dst in _TOP:
+        copy(src, dst)
+    for kind in ("weight", "bias"):
+        out[f"final_layer.adaLN_modulation.1.{kind}"] = _swap_halves(state[f"norm_out.linear.{kind}"])
+    for i in range(model.config.num_layers):
+        src, dst = f"double_blocks.{i}.", f"transformer_blocks.{i}."
+        for a, b in _DOUBLE:
+            copy(src + a, dst + b)
+        for a, b in _DOUBLE_NORMS:
+            out[src + a] = state[dst + b]
+        for kind in ("weight", "bias"):
+            out[f"{src}img_attn.qkv.{kind}"] = torch.cat([state[f"{dst}attn.{n}.{kind}"] for n in ("to_q", "to_k", "to_v")])
+            out[f"{src}txt_attn.qkv.{kind}"] = torch.cat(
+                [state[f"{dst}attn.{n}.{kind}"] for n in ("add_q_proj", "add_k_proj", "add_v_proj")])
+    for i in range(model.config.num_single_layers):
+        src, dst = f"single_blocks.{i}.", f"single_transformer_blocks.{i}."
+        for a, b in _SINGLE:
+            copy(src + a, dst + b)
+        for a, b in _SINGLE_NORMS:
+            out[src + a] = state[dst + b]
+        for kind in ("weight", "bias"):
+            out[f"{src}linear1.{kind}"] = torch.cat(
+                [state[f"{dst}{n}.{kind}"] for n in ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")])
+    return out
+
+
+def build_transformer(state_dict: dict[str, torch.Tensor], dtype: torch.dtype):
+    """The Flux transformer, widths read off the tensors; fp8 weights are widened to `dtype`."""
+    from diffusers import FluxTransformer2DModel
+
+    prefix = TRANSFORMER_PREFIX if any(k.startswith(TRANSFORMER_PREFIX) for k in state_dict) else ""
+    bfl = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)} if prefix else dict(state_dict)
+    bfl = {k: v for k, v in bfl.items() if not k.startswith(("text_encoders.", "vae.", "first_stage_model."))}
+    img_in = bfl["img_in.weight"]
+    inner, in_channels = int(img_in.shape[0]), int(img_in.shape[1])
+    head_dim = int(bfl["double_blocks.0.img_attn.norm.query_norm.scale"].shape[0])
+    config = {
+        "in_channels": in_channels,
+        "num_layers": len(_count_indices(list(bfl), r"double_blocks\.(\d+)\.")),
+        "num_single_layers": len(_count_indices(list(bfl), r"single_blocks\.(\d+)\.")),
+        "attention_head_dim": head_dim,
+        "num_attention_heads": inner // head_dim,
+        "joint_attention_dim": int(bfl["txt_in.weight"].shape[1]),
+        "pooled_projection_dim": int(bfl["vector_in.in_layer.weight"].shape[1]),
+        "guidance_embeds": "guidance_in.in_layer.weight" in bfl,
+        # RoPE splits each head over (index, height, width): 16/56/56 of 128 in Flux.1.
+        "axes_dims_rope": (head_dim // 8, head_dim * 7 // 16, head_dim * 7 // 16),
+    }
+    weights = {k: v.to(dtype) for k, v in transformer_weights_from_bfl(bfl, inner).items()}
+    with skip_weight_init():
+        model = FluxTransformer2DModel(**config)
+    _load_exact(model, weights, "Flux transformer")
+    return model
+
+
+def build_t5(state_dict: dict[str, torch.Tensor], dtype: torch.dtype):
+    """The T5 encoder, its size read off the tensors."""
+    from transformers import T5Config, T5EncoderModel
+
+    weights = {k[len(T5_PREFIX):]: v.to(dtype) for k, v in state_dict.items() if k.startswith(T5_PREFIX)}
+    if not weights:
+        raise CheckpointError("no T5 text encoder (text_encoders.t5xxl.transformer.*) in the checkpoint")
+    shared = weights.get("shared.weight", weights.get("encoder.embed_tokens.weight"))
+    bias = weights["encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"]
+    heads = int(bias.shape[1])
+    config = T5Config(
+        vocab_size=int(shared.shape[0]), d_model=int(shared.shape[1]),
+        d_kv=int(weights["encoder.block.0.layer.0.SelfAttention.q.weight"].shape[0]) // heads,
+        d_ff=int(weights["encoder.block.0.layer.1.DenseReluDense.wi_0.weight"].shape[0]),
+        num_layers=len(_count_indices(list(weights), r"encoder\.block\.(\d+)\.")), num_heads=heads,
+        relative_attention_num_buckets=int(bias.shape[0]), feed_forward_proj="gated-gelu", is_encoder_decoder=False,
+    )
+    weights["shared.weight"] = shared
+    weights["encoder.embed_tokens.weight"] = shared
+    with skip_weight_init():
+        model = T5EncoderModel(config)
+    _load_exact(model, weights, "T5 text encoder")
+    return model
+
+
+def build_vae(state_dict: dict[str, torch.Tensor]):
+    """Flux's 16-channel autoencoder (no quant convolutions), from `vae.*` tensors."""
+    from diffusers import AutoencoderKL
+    from diffusers.loaders import single_file_utils as sfu
+
+    tensors = {"first_stage_model." + k[len(VAE_PREFIX):]: v for k, v in state_dict.items() if k.startswith(VAE_PREFIX)}
+    if not tensors:
+        raise CheckpointError("no VAE (vae.*) in the checkpoint")
+    ch = int(tensors["first_stage_model.encoder.conv_in.weight"].shape[0])
+    levels = sorted(_count_indices(list(tensors), r"first_stage_model\.encoder\.down\.(\d+)\."))
+    blocks = [int(tensors[f"first_stage_model.encoder.down.{i}.block.0.conv2.weight"].shape[0]) for i in levels]
+    config = {
+        "in_channels": 3, "out_channels": 3, "down_block_types": ["DownEncoderBlock2D"] * len(blocks),
+        "up_block_types": ["UpDecoderBlock2D"] * len(blocks), "block_out_channels": blocks,
+        "latent_channels": int(tensors["first_stage_model.decoder.conv_in.weight"].shape[1]),
+        "layers_per_block": len(_count_indices(list(tensors), r"first_stage_model\.encoder\.down\.0\.block\.(\d+)\.")),
+        "scaling_factor": 0.3611, "shift_factor": 0.1159, "use_quant_conv": False, "use_post_quant_conv": False,
+        "sample_size": 1024,
+    }
+    assert ch == blocks[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        weights = sfu.convert_ldm_vae_checkpoint(tensors, config)
+    with skip_weight_init():
+        vae = AutoencoderKL(**config)
+    _load_exact(vae, {k: v.float() for k, v in weights.items()}, "Flux VAE")
+    return vae
+
+
+def t5_tokenizer(folder: Path):
+    """The T5 tokenizer from `folder/tokenizer.json` (downloaded beside the checkpoints)."""
+    from transformers import T5TokenizerFast
+
+    path = Path(folder) / "tokenizer.json"
+    if not path.exists():
+        raise CheckpointError(f"Flux needs the T5 tokenizer at {path}; the worker downloads it with the model "
+                              f"(or fetch {T5_TOKENIZER_URL} there)")
+    return T5TokenizerFast(tokenizer_file=str(path), eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
+                           extra_ids=0)
+
+
+def scheduler_config(guidance_distilled: bool) -> dict:
+    """Flux.1 dev (guidance-distilled) shifts its schedule with the image size; schnell does not."""
+    return json.loads((ASSETS / ("flux_dev.json" if guidance_distilled else "flux_schnell.json")).read_text())
+
+
+def build_pipeline(state_dict: dict[str, torch.Tensor], checkpoint_path: Path, dtype: torch.dtype):
+    """A diffusers FluxPipeline from an all-in-one state dict."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+
+    from horde_worker.inference.checkpoint import build_clip_text_encoder
+    from horde_worker.inference.pipelines import clip_tokenizer
+
+    transformer = build_transformer(state_dict, dtype)
+    return FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler.from_config(scheduler_config(transformer.config.guidance_embeds)),
+        vae=build_vae(state_dict), text_encoder=build_clip_text_encoder(state_dict, (CLIP_PREFIX,)),
+        tokenizer=clip_tokenizer(), text_encoder_2=build_t5(state_dict, dtype),
+        tokenizer_2=t5_tokenizer(Path(checkpoint_path).parent / T5_TOKENIZER_DIR), transformer=transformer,
+    )
