@@ -131,20 +131,57 @@ def measure(paths: dict[str, Path], device_name: str, full_size: bool) -> dict[s
     return results
 
 
+def measure_flux(folder: Path, device_name: str) -> dict[str, Any]:
+    """Full-size Flux.1 schnell (fp8 all-in-one): disk to first image, one image, peak VRAM."""
+    import torch
+
+    from horde_worker.bench.fullsize import write_full_flux_checkpoint
+    from horde_worker.inference.messages import GenerateRequest
+    from horde_worker.inference.pipelines import load_pipeline, txt2img
+
+    path = folder / "flux-schnell-full.safetensors"
+    if not path.exists():
+        write_full_flux_checkpoint(path)
+    device = torch.device(device_name)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    job = GenerateRequest(job_id="f", model_name="flux", model_path=str(path), baseline="flux_1", prompt="a cat",
+                          negative_prompt="", width=1024, height=1024, steps=4, cfg_scale=1.0, sampler_name="k_euler",
+                          karras=False, seeds=[1])
+    start = time.perf_counter()
+    model = load_pipeline(path, device, torch.float16, name="flux")
+    loaded = time.perf_counter() - start
+    with torch.inference_mode():
+        txt2img(model, job)
+    torch.cuda.synchronize()
+    first = time.perf_counter() - start
+    start = time.perf_counter()
+    with torch.inference_mode():
+        txt2img(model, job)
+    torch.cuda.synchronize()
+    return {"image_size": 1024, "steps": 4, "load_s": loaded, "disk_to_first_image_s": first,
+            "image_s": time.perf_counter() - start, "peak_vram_gib": torch.cuda.max_memory_allocated() / 2**30,
+            "weights_on_gpu_gib": torch.cuda.memory_allocated() / 2**30}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m horde_worker.bench.models", description=__doc__)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--full-size", action="store_true", help="full-size SD1.5 and SDXL (GPU)")
     parser.add_argument("--cache", type=Path, help="where the checkpoints are kept (default: a temp folder)")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--flux", action="store_true", help="only full-size Flux.1 schnell fp8 (GPU)")
     args = parser.parse_args(argv)
     from horde_worker.cli import detect_devices
 
     device = detect_devices(args.device)[0]
     folder = args.cache or Path(tempfile.mkdtemp(prefix="horde-models-bench-"))
     folder.mkdir(parents=True, exist_ok=True)
-    paths = write_checkpoints(folder, args.full_size)
-    results = {"device": device, "full_size": args.full_size, "baselines": measure(paths, device, args.full_size)}
+    if args.flux:
+        results = {"device": device, "flux_1": measure_flux(folder, device)}
+    else:
+        paths = write_checkpoints(folder, args.full_size)
+        results = {"device": device, "full_size": args.full_size, "baselines": measure(paths, device, args.full_size)}
     if device.startswith("cuda"):
         import torch
 

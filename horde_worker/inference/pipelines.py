@@ -55,13 +55,19 @@ def load_pipeline(path: Path, device: torch.device, dtype: torch.dtype, name: st
     """
     start = time.perf_counter()
     path = Path(path)
+    fp8 = False
     if path.is_dir():
         pipe, baseline = _load_folder(path)
     else:
-        pipe, baseline = _load_single_file(path, v_prediction, dtype)
+        pipe, baseline, fp8 = _load_single_file(path, v_prediction, dtype)
     if baseline == "flux_1" and dtype == torch.float16:
         dtype = torch.bfloat16  # Flux overflows fp16
-    pipe = pipe.to(device=device, dtype=dtype)
+    if fp8 and device.type == "cuda":
+        from horde_worker.inference.flux import move_keeping_fp8
+
+        move_keeping_fp8(pipe, device, dtype)
+    else:
+        pipe = pipe.to(device=device, dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
     apply_speedups(pipe, device)
     return LoadedModel(name=name or path.stem, baseline=baseline, pipeline=pipe,
@@ -96,7 +102,8 @@ def _load_single_file(path: Path, v_prediction: bool, dtype: torch.dtype):
     state_dict = checkpoint.load_state_dict(path)
     if flux.is_flux(state_dict):
         load_dtype = torch.bfloat16 if dtype == torch.float16 else dtype
-        return flux.build_pipeline(state_dict, path, load_dtype), "flux_1"
+        pipe, fp8 = flux.build_pipeline(state_dict, path, load_dtype)
+        return pipe, "flux_1", fp8
     info = checkpoint.inspect_checkpoint(state_dict)
     if v_prediction:
         info = replace(info, prediction_type="v_prediction")
@@ -127,7 +134,7 @@ def _load_single_file(path: Path, v_prediction: bool, dtype: torch.dtype):
             safety_checker=None, feature_extractor=None, requires_safety_checker=False,
         )
     del state_dict
-    return pipe, info.baseline
+    return pipe, info.baseline, False
 
 
 SPEEDUPS = ("channels_last", "fuse_qkv")
