@@ -116,3 +116,17 @@ def test_flux_all_in_one_generates_offline(flux_checkpoints, variant):
     assert np.abs(guided.astype(int) - first.astype(int)).mean() > 0.5  # true CFG with the negative prompt
     with pytest.raises(UnsupportedSampler, match="k_euler only"):
         txt2img(model, request(sampler_name="k_euler_a", width=128, height=128))
+
+
+def test_flux_fp8_weights_stay_fp8_and_widen_per_layer(flux_checkpoints):
+    from horde_worker.inference.flux import move_keeping_fp8
+
+    model = load_pipeline(flux_checkpoints["schnell"], torch.device("cpu"), torch.float32)
+    assert model.pipeline.fp8_parts == {"transformer", "t5"}
+    wide = txt2img(model, request(seeds=[9], width=128, height=128))[0]
+    move_keeping_fp8(model.pipeline, torch.device("cpu"), torch.float32)  # what a GPU gets
+    pipe = model.pipeline
+    assert pipe.transformer.transformer_blocks[0].attn.to_q.weight.dtype == torch.float8_e4m3fn
+    assert pipe.text_encoder_2.encoder.block[0].layer[0].SelfAttention.q.weight.dtype == torch.float8_e4m3fn
+    narrow = txt2img(model, request(seeds=[9], width=128, height=128))[0]
+    assert np.abs(narrow.astype(int) - wide.astype(int)).max() <= 2  # the file held fp8: nothing is lost

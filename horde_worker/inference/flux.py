@@ -250,13 +250,19 @@ def build_pipeline(state_dict: dict[str, torch.Tensor], checkpoint_path: Path, d
         tokenizer=clip_tokenizer(), text_encoder_2=build_t5(state_dict, dtype),
         tokenizer_2=t5_tokenizer(Path(checkpoint_path).parent / T5_TOKENIZER_DIR), transformer=transformer,
     )
-    return pipe, stored_in_fp8(state_dict)
+    pipe.fp8_parts = stored_in_fp8(state_dict)
+    return pipe, bool(pipe.fp8_parts)
 
 
-def stored_in_fp8(state_dict: dict[str, torch.Tensor]) -> bool:
-    """The file keeps the transformer's weights in fp8 (as the horde's Flux checkpoints do)."""
-    return state_dict[TRANSFORMER_PREFIX + "img_in.weight"].dtype == torch.float8_e4m3fn if (
-        TRANSFORMER_PREFIX + "img_in.weight") in state_dict else False
+def stored_in_fp8(state_dict: dict[str, torch.Tensor]) -> set[str]:
+    """Which of transformer / T5 the file keeps in fp8 (the horde's Flux checkpoints keep both)."""
+    parts = set()
+    probes = {"transformer": TRANSFORMER_PREFIX + "double_blocks.0.img_attn.qkv.weight",
+              "t5": T5_PREFIX + "encoder.block.0.layer.0.SelfAttention.q.weight"}
+    for part, key in probes.items():
+        if key in state_dict and state_dict[key].dtype == torch.float8_e4m3fn:
+            parts.add(part)
+    return parts
 
 
 def move_keeping_fp8(pipe, device: torch.device, dtype: torch.dtype) -> None:
@@ -265,11 +271,19 @@ def move_keeping_fp8(pipe, device: torch.device, dtype: torch.dtype) -> None:
     narrowed before the move, so the GPU never holds the wide copy."""
     from diffusers.hooks import apply_layerwise_casting
 
-    pipe.transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=dtype)
-    apply_layerwise_casting(pipe.text_encoder_2, storage_dtype=torch.float8_e4m3fn, compute_dtype=dtype)
+    parts = getattr(pipe, "fp8_parts", {"transformer", "t5"})
+    narrow = []
+    if "transformer" in parts:
+        pipe.transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=dtype)
+        narrow.append(pipe.transformer)
+    if "t5" in parts:
+        # T5's feed-forward casts its input to the dtype of `wo`'s weight, so `wo` keeps the compute dtype.
+        apply_layerwise_casting(pipe.text_encoder_2, storage_dtype=torch.float8_e4m3fn, compute_dtype=dtype,
+                                skip_modules_pattern=("norm", "wo", "shared", "embed", "relative_attention_bias"))
+        narrow.append(pipe.text_encoder_2)
     for component in pipe.components.values():
         if isinstance(component, torch.nn.Module):
-            if component is pipe.transformer or component is pipe.text_encoder_2:
+            if any(component is kept for kept in narrow):
                 component.to(device)
             else:
                 component.to(device=device, dtype=dtype)

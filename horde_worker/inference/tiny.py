@@ -209,7 +209,8 @@ def write_tiny_flux_checkpoint(path: Path, seed: int = 0, guidance: bool = False
     tensors = {flux.TRANSFORMER_PREFIX + k: v.to(storage) for k, v in flux.bfl_from_transformer(transformer).items()}
     tensors.update({k.replace("cond_stage_model.transformer.", flux.CLIP_PREFIX): v
                     for k, v in ldm_export.text_encoder_to_ldm(clip_l).items()})
-    tensors.update({flux.T5_PREFIX + k: v for k, v in t5.state_dict().items() if k != "encoder.embed_tokens.weight"})
+    tensors.update({flux.T5_PREFIX + k: v.to(storage) if ".layer." in k and "norm" not in k else v
+                    for k, v in t5.state_dict().items() if k != "encoder.embed_tokens.weight"})
     tensors.update({k.replace("first_stage_model.", flux.VAE_PREFIX, 1): v for k, v in ldm_export.vae_to_ldm(vae).items()})
     write_tiny_t5_tokenizer(Path(path).parent / flux.T5_TOKENIZER_DIR)
     return ldm_export.save_tensors(Path(path), tensors)
