@@ -86,11 +86,12 @@ def test_not_a_checkpoint_is_refused_clearly(tmp_path):
         load_pipeline(path, torch.device("cpu"), torch.float32)
 
 
-def test_batch_images_differ_and_each_seed_reproduces_alone(model):
-    batch = txt2img(model, request(seeds=[10, 11, 12]))
+@pytest.mark.parametrize("sampler", ["k_euler", "k_euler_a", "k_dpmpp_sde"])
+def test_batch_images_differ_and_each_seed_reproduces_alone(model, sampler):
+    batch = txt2img(model, request(seeds=[10, 11, 12], sampler_name=sampler))
     assert len(batch) == 3 and all(img.shape == (256, 256, 3) and img.dtype == np.uint8 for img in batch)
     assert np.abs(batch[0].astype(int) - batch[1].astype(int)).mean() > 5
-    alone = txt2img(model, request(seeds=[11]))[0]
+    alone = txt2img(model, request(seeds=[11], sampler_name=sampler))[0]
     assert np.abs(alone.astype(int) - batch[1].astype(int)).max() <= 2
 
 
@@ -123,3 +124,17 @@ def test_split_prompt():
     assert split_prompt("a cat ### blurry, dark") == ("a cat", "blurry, dark")
     assert split_prompt("a cat") == ("a cat", "")
     assert split_prompt("a ### b ### c") == ("a", "b   c")
+
+
+def test_choices_are_picked_from_each_images_seed(model):
+    from horde_worker.inference.prompts import expand_choices
+
+    assert expand_choices("a {red|blue|green} {cat|dog}", 5) == expand_choices("a {red|blue|green} {cat|dog}", 5)
+    picks = {expand_choices("{a|b|c|d|e|f}", seed) for seed in range(40)}
+    assert picks == set("abcdef")
+    assert expand_choices("{x|{y|z}}", 3) in ("x", "y", "z")
+    assert expand_choices("no {braces} here", 1) == "no {braces} here"
+    batch = txt2img(model, request(prompt="a {red|blue} {cat|dog|fox} ### {blur|noise}", seeds=[20, 21, 22]))
+    for index, seed in enumerate((20, 21, 22)):
+        alone = txt2img(model, request(prompt="a {red|blue} {cat|dog|fox} ### {blur|noise}", seeds=[seed]))[0]
+        assert np.abs(alone.astype(int) - batch[index].astype(int)).max() <= 2

@@ -162,7 +162,7 @@ def apply_speedups(pipe, device: torch.device) -> None:
         pipe.fuse_qkv_projections()
 
 
-def _flux_call(model: LoadedModel, request: GenerateRequest, count: int, common: dict):
+def _flux_call(model: LoadedModel, request: GenerateRequest, prompts: list[str], negatives: list[str], common: dict):
     """Flux runs its own flow-matching Euler sampler: the horde's k_euler, and nothing else."""
     from horde_worker.inference.samplers import UnsupportedSampler
 
@@ -172,9 +172,9 @@ def _flux_call(model: LoadedModel, request: GenerateRequest, count: int, common:
     extra: dict[str, Any] = {}
     if request.negative_prompt and request.cfg_scale > 1:
         # A negative prompt needs true classifier-free guidance: two passes per step.
-        extra = {"negative_prompt": [request.negative_prompt] * count, "true_cfg_scale": request.cfg_scale}
+        extra = {"negative_prompt": negatives, "true_cfg_scale": request.cfg_scale}
     distilled = pipe.transformer.config.guidance_embeds
-    return pipe(prompt=[request.prompt] * count, guidance_scale=request.cfg_scale if distilled else 0.0,
+    return pipe(prompt=prompts, guidance_scale=request.cfg_scale if distilled else 0.0,
                 max_sequence_length=512 if distilled else 256, **extra, **common)
 
 
@@ -191,8 +191,12 @@ def txt2img(
 ) -> list[np.ndarray]:
     """Generate `len(request.seeds)` images; image i depends only on seed i, so any one of them is
     regenerated exactly by a job with that seed alone."""
+    from horde_worker.inference.prompts import expand_choices
+
     pipe = model.pipeline
     count = len(request.seeds)
+    prompts = [expand_choices(request.prompt, seed) for seed in request.seeds]
+    negatives = [expand_choices(request.negative_prompt, seed) for seed in request.seeds]
     # CPU generators make a seed give the same noise on every device.
     generators = [torch.Generator("cpu").manual_seed(int(seed)) for seed in request.seeds]
 
@@ -204,12 +208,12 @@ def txt2img(
     common = dict(width=request.width, height=request.height, num_inference_steps=request.steps,
                   generator=generators, output_type="np", callback_on_step_end=step_end)
     if model.baseline == "flux_1":
-        output = _flux_call(model, request, count, common)
+        output = _flux_call(model, request, prompts, negatives, common)
     else:
-        pipe.scheduler = make_scheduler(request.sampler_name, request.karras, model.scheduler_config)
+        pipe.scheduler = make_scheduler(request.sampler_name, request.karras, model.scheduler_config, request.seeds)
         output = pipe(
-            prompt=[request.prompt] * count,
-            negative_prompt=[request.negative_prompt] * count if request.negative_prompt else None,
+            prompt=prompts,
+            negative_prompt=negatives if request.negative_prompt else None,
             guidance_scale=request.cfg_scale,
             clip_skip=request.clip_skip - 1 if request.clip_skip > 1 else None,
             **common,
