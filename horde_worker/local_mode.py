@@ -14,7 +14,7 @@ from pathlib import Path
 from loguru import logger
 
 from horde_worker.config.bridge_data import BridgeData
-from horde_worker.inference.tiny import DEMO_MODEL_NAME, ensure_demo_model
+from horde_worker.inference.tiny import DEMO_MODEL_NAME, ensure_local_models
 from horde_worker.localhorde import LocalHorde
 from horde_worker.localhorde.samples import sample_requests
 from horde_worker.models.catalog import ModelCatalog, ServedModel
@@ -36,11 +36,12 @@ def run_local(settings: BridgeData, args, devices: list[str], console) -> int:
     from horde_worker.cli import collect_results, feed_samples_forever, run_supervisor
     from horde_worker.horde.client import HordeClient, RetryPolicy
 
-    logger.warning("LOCAL MODE: serving an embedded horde on 127.0.0.1 with the tiny demo model {!r}; nothing "
-                   "goes to the real horde. To serve it, copy bridgeData_template.yaml to bridgeData.yaml, set "
-                   "api_key and dreamer_name, and start without --local.", DEMO_MODEL_NAME)
-    model_path = ensure_demo_model(Path(settings.cache_home))
-    catalog = ModelCatalog([ServedModel(DEMO_MODEL_NAME, model_path, "stable_diffusion_1")])
+    logger.warning("LOCAL MODE: serving an embedded horde on 127.0.0.1 with tiny random-weight models (SD1 {!r} by "
+                   "default; also horde-worker-tiny-sd2, -sdxl and -flux); nothing goes to the real horde. To serve "
+                   "it, copy bridgeData_template.yaml to bridgeData.yaml, set api_key and dreamer_name, and start "
+                   "without --local.", DEMO_MODEL_NAME)
+    local_models = ensure_local_models(Path(settings.cache_home))
+    catalog = ModelCatalog([ServedModel(name, path, baseline) for name, (path, baseline) in local_models.items()])
     if args.requests:
         try:
             bodies = load_request_file(args.requests, DEMO_MODEL_NAME)
@@ -51,7 +52,7 @@ def run_local(settings: BridgeData, args, devices: list[str], console) -> int:
         bodies = sample_requests(args.jobs, DEMO_MODEL_NAME)
     else:
         bodies = []
-    horde = LocalHorde([DEMO_MODEL_NAME]).start()
+    horde = LocalHorde(list(local_models), flux_models={n for n, (_, b) in local_models.items() if b == "flux_1"}).start()
     settings = settings.model_copy(update={
         "horde_url": horde.url, "api_key": horde.api_key,
         "dreamer_name": args.name or LOCAL_NAME_DEFAULT,

@@ -38,13 +38,17 @@ def test_local_requests_file_is_replayed_into_out(tmp_path, model_cache):
                                                       "seed": "77", "sampler_name": "k_euler"}},
         {"prompt": "an unsupported img2img", "source_image": base64.b64encode(png.getvalue()).decode(),
          "params": {"n": 1, "steps": 3, "width": 128, "height": 128}},
+        {"prompt": "a castle", "models": ["horde-worker-tiny-sdxl"], "params": {"steps": 3, "width": 128, "height": 128}},
+        {"prompt": "a fox ### sea", "models": ["horde-worker-tiny-flux"],
+         "params": {"steps": 3, "width": 128, "height": 128, "sampler_name": "k_euler", "cfg_scale": 2.0}},
+        {"prompt": "a lighthouse", "models": ["horde-worker-tiny-sd2"], "params": {"steps": 3, "width": 128, "height": 128}},
     ]))
     out = tmp_path / "out"
     result = run_bridge(tmp_path, model_cache, "--local", "--requests", str(requests_file), "--out", str(out),
                         "--name", "replayer")
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
-    assert len(results) == 2
+    assert len(results) == 5
     first = results[0]
     assert first["done"] and [g["seed"] for g in first["generations"]] == ["77", "78"]
     for gen in first["generations"]:
@@ -54,6 +58,10 @@ def test_local_requests_file_is_replayed_into_out(tmp_path, model_cache):
             assert image.format == "WEBP" and image.size == (192, 128)
     # The worker tells the horde it does no img2img, so that request is never handed to it.
     assert results[1]["generations"] == [] and not results[1]["done"]
+    # Every baseline has a tiny model in local mode.
+    for result, model in zip(results[2:], ["horde-worker-tiny-sdxl", "horde-worker-tiny-flux", "horde-worker-tiny-sd2"],
+                             strict=True):
+        assert result["done"] and [g["model"] for g in result["generations"]] == [model]
 
 
 def test_bad_requests_file_is_a_clear_error(tmp_path, model_cache):

@@ -214,3 +214,38 @@ def write_tiny_flux_checkpoint(path: Path, seed: int = 0, guidance: bool = False
     tensors.update({k.replace("first_stage_model.", flux.VAE_PREFIX, 1): v for k, v in ldm_export.vae_to_ldm(vae).items()})
     write_tiny_t5_tokenizer(Path(path).parent / flux.T5_TOKENIZER_DIR)
     return ldm_export.save_tensors(Path(path), tensors)
+
+
+# Local mode's tiny models, one per baseline: name -> (file name, baseline).
+LOCAL_MODELS = {
+    DEMO_MODEL_NAME: (DEMO_MODEL_FILE, "stable_diffusion_1"),
+    "horde-worker-tiny-sd2": ("horde-worker-tiny-sd2.safetensors", "stable_diffusion_2"),
+    "horde-worker-tiny-sdxl": ("horde-worker-tiny-sdxl.safetensors", "stable_diffusion_xl"),
+    "horde-worker-tiny-flux": ("horde-worker-tiny-flux.safetensors", "flux_1"),
+}
+
+
+def _write_local_models(folder: Path) -> None:
+    for file_name, baseline in LOCAL_MODELS.values():
+        path = folder / file_name
+        if path.exists():
+            continue
+        if baseline == "flux_1":
+            write_tiny_flux_checkpoint(path)
+        else:
+            write_tiny_checkpoint(path, baseline)
+
+
+def ensure_local_models(models_dir: Path) -> dict[str, tuple[Path, str]]:
+    """Every local-mode model's (file, baseline), created on first use in a short-lived child process."""
+    import multiprocessing as mp
+
+    folder = Path(models_dir) / "compvis"
+    folder.mkdir(parents=True, exist_ok=True)
+    if not all((folder / f).exists() for f, _ in LOCAL_MODELS.values()):
+        process = mp.get_context("spawn").Process(target=_write_local_models, args=(folder,))
+        process.start()
+        process.join()
+        if process.exitcode != 0:
+            raise RuntimeError(f"could not create the local models in {folder} (exit code {process.exitcode})")
+    return {name: (folder / file_name, baseline) for name, (file_name, baseline) in LOCAL_MODELS.items()}
