@@ -130,3 +130,16 @@ def test_flux_fp8_weights_stay_fp8_and_widen_per_layer(flux_checkpoints):
     assert pipe.text_encoder_2.encoder.block[0].layer[0].SelfAttention.q.weight.dtype == torch.float8_e4m3fn
     narrow = txt2img(model, request(seeds=[9], width=128, height=128))[0]
     assert np.abs(narrow.astype(int) - wide.astype(int)).max() <= 2  # the file held fp8: nothing is lost
+
+
+def test_flux_read_into_ram_for_a_gpu_keeps_its_fp8_weights(flux_checkpoints):
+    from horde_worker.inference.residency import Residency
+
+    # The residency of a GPU slot reads models into RAM first and moves them module by module later:
+    # the fp8 parts must already be narrow in RAM, or the GPU would get the wide copy.
+    residency = Residency(torch.device("cuda"), torch.float16, ram_budget=None, device_budget=None)
+    residency.preload("flux", str(flux_checkpoints["schnell"]))
+    pipe = residency.in_ram["flux"].pipeline
+    assert pipe.transformer.transformer_blocks[0].attn.to_q.weight.dtype == torch.float8_e4m3fn
+    assert pipe.text_encoder_2.encoder.block[0].layer[0].SelfAttention.q.weight.dtype == torch.float8_e4m3fn
+    assert pipe.vae.decoder.conv_in.weight.dtype == torch.bfloat16

@@ -62,7 +62,9 @@ def load_pipeline(path: Path, device: torch.device, dtype: torch.dtype, name: st
         pipe, baseline, fp8 = _load_single_file(path, v_prediction, dtype)
     if baseline == "flux_1" and dtype == torch.float16:
         dtype = torch.bfloat16  # Flux overflows fp16
-    if fp8 and device.type == "cuda":
+    if fp8 and dtype != torch.float32:
+        # A half-precision run is a GPU run, even when the residency reads the model into RAM first: narrow
+        # now, so that the later module-by-module move to the GPU carries fp8 weights.
         from horde_worker.inference.flux import move_keeping_fp8
 
         move_keeping_fp8(pipe, device, dtype)
