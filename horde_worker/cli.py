@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import signal
 import subprocess
@@ -234,50 +233,6 @@ def journal_dir(settings: BridgeData) -> Path:
     """Each worker name keeps its own journal, so workers may share one cache_home."""
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in settings.dreamer_name)
     return Path(settings.cache_home) / "journal" / safe
-
-
-def collect_results(horde, request_ids: list[str], out_dir: Path) -> None:
-    """Save every image of every request as WebP and write results.json (local mode)."""
-    import requests
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    results = []
-    for index, request_id in enumerate(request_ids):
-        status = requests.get(f"{horde.url}/v2/generate/status/{request_id}", timeout=30).json()
-        generations = []
-        for gen_index, gen in enumerate(status.get("generations", [])):
-            img = gen["img"]
-            if img.startswith("http"):
-                data = requests.get(img, timeout=30).content
-            else:
-                import base64
-
-                data = base64.b64decode(img)
-            name = f"{index:03d}_{gen_index}.webp"
-            (out_dir / name).write_bytes(data)
-            from PIL import Image
-
-            with Image.open(out_dir / name) as image:
-                width, height = image.size
-            generations.append({"file": name, "id": gen["id"], "seed": gen["seed"], "state": gen["state"],
-                                "censored": gen["censored"], "gen_metadata": gen["gen_metadata"],
-                                "model": gen["model"], "width": width, "height": height})
-        results.append({"request_id": request_id, "done": status.get("done"), "faulted": status.get("faulted"),
-                        "generations": generations})
-    (out_dir / "results.json").write_text(json.dumps(results, indent=2))
-    logger.info("saved {} request(s) to {}", len(results), out_dir)
-
-
-def feed_samples_forever(horde, model: str, stop: threading.Event) -> None:
-    """Keep one sample request waiting, so the demo loop never runs dry (local mode without --jobs)."""
-    from horde_worker.localhorde.samples import sample_requests
-
-    index = 0
-    while not stop.wait(1.0):
-        if horde.state.counters()["pending"] == 0:
-            body = sample_requests(index + 1, model)[index]
-            horde.state.add_request(body)
-            index += 1
 
 
 if __name__ == "__main__":

@@ -19,6 +19,8 @@ from horde_worker.localhorde import LocalHorde
 from horde_worker.localhorde.samples import sample_requests
 from horde_worker.models.catalog import ModelCatalog, ServedModel
 
+LOCAL_NAME_DEFAULT = "local-demo-worker"
+
 
 def load_request_file(path: Path, model: str) -> list[dict]:
     """A JSON list of /v2/generate/async bodies; bodies without `models` get the demo model."""
@@ -33,7 +35,7 @@ def load_request_file(path: Path, model: str) -> list[dict]:
 
 def run_local(settings: BridgeData, args, devices: list[str], console) -> int:
     """Run the worker against an embedded local horde; returns the exit code."""
-    from horde_worker.cli import collect_results, feed_samples_forever, run_supervisor
+    from horde_worker.cli import run_supervisor
     from horde_worker.horde.client import HordeClient, RetryPolicy
 
     logger.warning("LOCAL MODE: serving an embedded horde on 127.0.0.1 with tiny random-weight models (SD1 {!r} by "
@@ -93,4 +95,42 @@ def run_local(settings: BridgeData, args, devices: list[str], console) -> int:
     return code
 
 
-LOCAL_NAME_DEFAULT = "local-demo-worker"
+def collect_results(horde, request_ids: list[str], out_dir: Path) -> None:
+    """Save every image of every request as WebP and write results.json (local mode)."""
+    import requests
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results = []
+    for index, request_id in enumerate(request_ids):
+        status = requests.get(f"{horde.url}/v2/generate/status/{request_id}", timeout=30).json()
+        generations = []
+        for gen_index, gen in enumerate(status.get("generations", [])):
+            img = gen["img"]
+            if img.startswith("http"):
+                data = requests.get(img, timeout=30).content
+            else:
+                import base64
+
+                data = base64.b64decode(img)
+            name = f"{index:03d}_{gen_index}.webp"
+            (out_dir / name).write_bytes(data)
+            from PIL import Image
+
+            with Image.open(out_dir / name) as image:
+                width, height = image.size
+            generations.append({"file": name, "id": gen["id"], "seed": gen["seed"], "state": gen["state"],
+                                "censored": gen["censored"], "gen_metadata": gen["gen_metadata"],
+                                "model": gen["model"], "width": width, "height": height})
+        results.append({"request_id": request_id, "done": status.get("done"), "faulted": status.get("faulted"),
+                        "generations": generations})
+    (out_dir / "results.json").write_text(json.dumps(results, indent=2))
+    logger.info("saved {} request(s) to {}", len(results), out_dir)
+
+
+def feed_samples_forever(horde, model: str, stop: threading.Event) -> None:
+    """Keep one sample request waiting, so the demo loop never runs dry (local mode without --jobs)."""
+    index = 0
+    while not stop.wait(1.0):
+        if horde.state.counters()["pending"] == 0:
+            horde.state.add_request(sample_requests(1, model, start=index)[0])
+            index += 1

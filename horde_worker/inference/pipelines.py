@@ -122,17 +122,15 @@ def _load_single_file(path: Path, v_prediction: bool, dtype: torch.dtype):
                 state_dict, "conditioner.embedders.1.model.", with_projection=True, drop_last_layer=False),
             tokenizer=clip_tokenizer(), tokenizer_2=clip_tokenizer("!"),
         )
-    elif info.baseline == "stable_diffusion_2":
-        pipe = StableDiffusionPipeline(
-            vae=vae, unet=unet, scheduler=scheduler, tokenizer=clip_tokenizer("!"),
-            text_encoder=checkpoint.build_open_clip_text_encoder(
-                state_dict, "cond_stage_model.model.", with_projection=False, drop_last_layer=True),
-            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-        )
     else:
+        if info.baseline == "stable_diffusion_2":
+            text_encoder = checkpoint.build_open_clip_text_encoder(
+                state_dict, "cond_stage_model.model.", with_projection=False, drop_last_layer=True)
+            tokenizer = clip_tokenizer("!")
+        else:
+            text_encoder, tokenizer = checkpoint.build_clip_text_encoder(state_dict), clip_tokenizer()
         pipe = StableDiffusionPipeline(
-            vae=vae, unet=unet, scheduler=scheduler, tokenizer=clip_tokenizer(),
-            text_encoder=checkpoint.build_clip_text_encoder(state_dict),
+            vae=vae, unet=unet, scheduler=scheduler, tokenizer=tokenizer, text_encoder=text_encoder,
             safety_checker=None, feature_extractor=None, requires_safety_checker=False,
         )
     del state_dict
@@ -166,10 +164,11 @@ def apply_speedups(pipe, device: torch.device) -> None:
 
 def _flux_call(model: LoadedModel, request: GenerateRequest, prompts: list[str], negatives: list[str], common: dict):
     """Flux runs its own flow-matching Euler sampler: the horde's k_euler, and nothing else."""
-    from horde_worker.inference.samplers import UnsupportedSampler
+    from horde_worker.inference.samplers import UnsupportedSampler, sampler_refusal
 
-    if request.sampler_name != "k_euler":
-        raise UnsupportedSampler(f"Flux models run k_euler only, not {request.sampler_name!r}")
+    refusal = sampler_refusal(request.sampler_name, model.baseline)
+    if refusal is not None:
+        raise UnsupportedSampler(refusal)
     pipe = model.pipeline
     extra: dict[str, Any] = {}
     if request.negative_prompt and request.cfg_scale > 1:
@@ -178,12 +177,6 @@ def _flux_call(model: LoadedModel, request: GenerateRequest, prompts: list[str],
     distilled = pipe.transformer.config.guidance_embeds
     return pipe(prompt=prompts, guidance_scale=request.cfg_scale if distilled else 0.0,
                 max_sequence_length=512 if distilled else 256, **extra, **common)
-
-
-def split_prompt(prompt: str) -> tuple[str, str]:
-    """Split a horde prompt into (positive, negative) at the first `###`."""
-    positive, sep, negative = prompt.partition("###")
-    return positive.strip(), negative.replace("###", " ").strip() if sep else ""
 
 
 def txt2img(

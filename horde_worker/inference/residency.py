@@ -80,16 +80,11 @@ class Residency:
             held = list(self.in_ram) + (list(self.on_device) if self.on_cpu else [])
             return sum(self.sizes.get(n, 0) for n in held)
 
-    def device_bytes(self) -> int:
-        with self._lock:
-            return sum(self.sizes.get(n, 0) for n in self.on_device)
-
     # --- loading -----------------------------------------------------------------------------
 
     def _read(self, name: str, path: str, v_prediction: bool) -> LoadedModel:
         target = self.device if self.on_cpu else torch.device("cpu")
-        dtype = self.dtype
-        return load_pipeline(Path(path), target, dtype, name=name, v_prediction=v_prediction)
+        return load_pipeline(Path(path), target, self.dtype, name=name, v_prediction=v_prediction)
 
     def preload(self, name: str, path: str, v_prediction: bool = False) -> float:
         """Read a model into RAM (on a CPU device: where it runs). Returns the seconds it took."""

@@ -65,13 +65,12 @@ class ModelRunner:
         return str(self.device)
 
     def preload(self, message: Preload) -> Preloaded:
-        start = time.perf_counter()
+        seconds, error = 0.0, None
         try:
-            self.residency.preload(message.model_name, message.model_path, message.v_prediction)
-            error = None
+            seconds = self.residency.preload(message.model_name, message.model_path, message.v_prediction)
         except Exception as exc:  # reported; the job itself will try again and fault properly
             error = f"{type(exc).__name__}: {exc}"
-        return Preloaded(message.model_name, time.perf_counter() - start, self.residency.names(), error)
+        return Preloaded(message.model_name, seconds, self.residency.names(), error)
 
     def generate(self, request: GenerateRequest, send) -> GenerateResult:
         """Run one job and return its images."""

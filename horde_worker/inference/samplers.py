@@ -25,25 +25,32 @@ class SamplerSpec:
     scheduler_class: str
     options: dict[str, Any] = field(default_factory=dict)
     supports_karras: bool = True
-    second_order: bool = False
 
 
 SAMPLERS: dict[str, SamplerSpec] = {
     "k_euler": SamplerSpec("EulerDiscreteScheduler"),
     "k_euler_a": SamplerSpec("EulerAncestralDiscreteScheduler", supports_karras=False),
     "k_lms": SamplerSpec("LMSDiscreteScheduler"),
-    "k_heun": SamplerSpec("HeunDiscreteScheduler", second_order=True),
-    "k_dpm_2": SamplerSpec("KDPM2DiscreteScheduler", second_order=True),
-    "k_dpm_2_a": SamplerSpec("KDPM2AncestralDiscreteScheduler", second_order=True),
+    "k_heun": SamplerSpec("HeunDiscreteScheduler"),
+    "k_dpm_2": SamplerSpec("KDPM2DiscreteScheduler"),
+    "k_dpm_2_a": SamplerSpec("KDPM2AncestralDiscreteScheduler"),
     "k_dpmpp_2m": SamplerSpec(
         "DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}
     ),
-    "k_dpmpp_sde": SamplerSpec("DPMSolverSDEScheduler", second_order=True),
+    "k_dpmpp_sde": SamplerSpec("DPMSolverSDEScheduler"),
     "DDIM": SamplerSpec("DDIMScheduler", supports_karras=False),
     "lcm": SamplerSpec("LCMScheduler", supports_karras=False),
 }
-# Horde names with no faithful implementation here yet: such jobs are faulted with the reason.
-NOT_IMPLEMENTED = ("k_dpm_fast", "k_dpm_adaptive", "k_dpmpp_2s_a", "dpmsolver")
+
+
+def sampler_refusal(sampler_name: str, baseline: str) -> str | None:
+    """Why `sampler_name` cannot run on a model of `baseline`, or None. Flux samples with its own
+    flow-matching Euler, which is the horde's k_euler and nothing else."""
+    if baseline == "flux_1":
+        return None if sampler_name == "k_euler" else f"Flux models run k_euler only, not {sampler_name!r}"
+    if sampler_name not in SAMPLERS:
+        return f"sampler {sampler_name!r} is not implemented by this worker"
+    return None
 
 
 def scheduler_config(baseline: str) -> dict[str, Any]:
@@ -59,7 +66,7 @@ def make_scheduler(sampler_name: str, karras: bool, base_config: dict[str, Any],
 
     spec = SAMPLERS.get(sampler_name)
     if spec is None:
-        raise UnsupportedSampler(f"sampler {sampler_name!r} is not implemented by this worker")
+        raise UnsupportedSampler(sampler_refusal(sampler_name, "stable_diffusion_1"))
     cls = getattr(diffusers, spec.scheduler_class)
     # Private keys such as `_use_default_values` would make diffusers drop the options set below.
     config = {k: v for k, v in base_config.items() if not k.startswith("_")}

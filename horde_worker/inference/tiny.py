@@ -17,8 +17,7 @@ DEMO_MODEL_FILE = "horde-worker-tiny-sd15.safetensors"
 def tiny_sd15_components(seed: int = 0):
     """Return (unet, vae, text_encoder) of SD1.5's architecture with tiny widths and random weights."""
     import torch
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from diffusers import UNet2DConditionModel
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
@@ -33,37 +32,11 @@ def tiny_sd15_components(seed: int = 0):
         attention_head_dim=8,
         norm_num_groups=32,
     )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(32, 32, 32, 32),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=32,
-        sample_size=512,
-        scaling_factor=0.18215,
-    )
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=49408,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=1,
-            max_position_embeddings=77,
-            hidden_act="quick_gelu",
-        )
-    )
-    # Random init leaves the VAE's latent statistics far from SD's; scale the decoder input so that
-    # pictures have visible structure instead of saturating to flat colour.
-    with torch.no_grad():
-        vae.post_quant_conv.weight.mul_(4.0)
-    return unet.eval(), vae.eval(), text_encoder.eval()
+    return unet.eval(), _tiny_vae(0.18215), _tiny_text_tower("quick_gelu", layers=2)
 
 
 def _tiny_vae(scaling_factor: float):
+    import torch
     from diffusers import AutoencoderKL
 
     vae = AutoencoderKL(
@@ -71,8 +44,8 @@ def _tiny_vae(scaling_factor: float):
         up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(32, 32, 32, 32), layers_per_block=1,
         latent_channels=4, norm_num_groups=32, sample_size=512, scaling_factor=scaling_factor,
     )
-    import torch
-
+    # Random init leaves the VAE's latent statistics far from SD's; scale the decoder input so that
+    # pictures have visible structure instead of saturating to flat colour.
     with torch.no_grad():
         vae.post_quant_conv.weight.mul_(4.0)
     return vae.eval()
@@ -132,29 +105,28 @@ def write_tiny_checkpoint(path: Path, baseline: str, seed: int = 0) -> Path:
     raise ValueError(f"no tiny model for baseline {baseline!r}")
 
 
-def write_tiny_sd15_checkpoint(path: Path, seed: int = 0) -> Path:
-    """Create (or re-create) the tiny SD1.5 single-file checkpoint at `path`."""
-    from horde_worker.inference.ldm_export import save_sd_checkpoint
+def _create_in_child(target, folder: Path, what: str) -> None:
+    """Build models in a short-lived child process, so that the supervisor never imports torch."""
+    import multiprocessing as mp
 
-    unet, vae, text_encoder = tiny_sd15_components(seed)
-    return save_sd_checkpoint(Path(path), unet, vae, text_encoder)
+    process = mp.get_context("spawn").Process(target=target, args=(folder,))
+    process.start()
+    process.join()
+    if process.exitcode != 0:
+        raise RuntimeError(f"could not create {what} in {folder} (exit code {process.exitcode})")
 
 
 def ensure_demo_model(models_dir: Path) -> Path:
-    """The demo model's file under `models_dir`, created on first use.
+    """The demo model's file under `models_dir`, created on first use."""
+    folder = Path(models_dir) / "compvis"
+    if not (folder / DEMO_MODEL_FILE).exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        _create_in_child(_write_demo_model, folder, "the demo model")
+    return folder / DEMO_MODEL_FILE
 
-    It is built in a short-lived child process, so that the supervisor never imports torch.
-    """
-    import multiprocessing as mp
 
-    path = Path(models_dir) / "compvis" / DEMO_MODEL_FILE
-    if not path.exists():
-        process = mp.get_context("spawn").Process(target=write_tiny_sd15_checkpoint, args=(path,))
-        process.start()
-        process.join()
-        if process.exitcode != 0 or not path.exists():
-            raise RuntimeError(f"could not create the demo model at {path} (exit code {process.exitcode})")
-    return path
+def _write_demo_model(folder: Path) -> None:
+    write_tiny_checkpoint(folder / DEMO_MODEL_FILE, "stable_diffusion_1")
 
 
 def write_tiny_t5_tokenizer(folder: Path) -> Path:
@@ -237,15 +209,9 @@ def _write_local_models(folder: Path) -> None:
 
 
 def ensure_local_models(models_dir: Path) -> dict[str, tuple[Path, str]]:
-    """Every local-mode model's (file, baseline), created on first use in a short-lived child process."""
-    import multiprocessing as mp
-
+    """Every local-mode model's (file, baseline), created on first use."""
     folder = Path(models_dir) / "compvis"
     folder.mkdir(parents=True, exist_ok=True)
     if not all((folder / f).exists() for f, _ in LOCAL_MODELS.values()):
-        process = mp.get_context("spawn").Process(target=_write_local_models, args=(folder,))
-        process.start()
-        process.join()
-        if process.exitcode != 0:
-            raise RuntimeError(f"could not create the local models in {folder} (exit code {process.exitcode})")
+        _create_in_child(_write_local_models, folder, "the local models")
     return {name: (folder / file_name, baseline) for name, (file_name, baseline) in LOCAL_MODELS.items()}

@@ -14,11 +14,12 @@ _PROMPTS = (
 )
 
 
-def sample_requests(count: int, model: str, width: int = 512, height: int = 512, steps: int = 20) -> list[dict[str, Any]]:
-    """`count` /v2/generate/async bodies for `model`, one image each."""
+def sample_requests(count: int, model: str, width: int = 512, height: int = 512, steps: int = 20,
+                    start: int = 0) -> list[dict[str, Any]]:
+    """`count` /v2/generate/async bodies for `model`, one image each, the first using sample prompt `start`."""
     return [
         {
-            "prompt": _PROMPTS[i % len(_PROMPTS)],
+            "prompt": _PROMPTS[(start + i) % len(_PROMPTS)],
             "models": [model],
             "params": {"n": 1, "steps": steps, "width": width, "height": height,
                        "sampler_name": "k_euler_a", "cfg_scale": 7.0},

@@ -9,7 +9,7 @@ from typing import Any
 
 from horde_worker.horde.wire import JobPayload, SubmitRequest, SubmitState
 from horde_worker.inference.messages import GenerateRequest
-from horde_worker.inference.samplers import SAMPLERS
+from horde_worker.inference.samplers import sampler_refusal
 from horde_worker.models.catalog import ModelCatalog
 from horde_worker.supervisor.job import Job
 
@@ -44,10 +44,9 @@ def unsupported_reason(job: Job, catalog: ModelCatalog) -> str | None:
         return f"model {job.model!r} is not served by this worker"
     if pop.source_image:
         return f"source images ({pop.source_processing}) are not supported yet"
-    if payload.sampler_name not in SAMPLERS:
-        return f"sampler {payload.sampler_name!r} is not implemented by this worker"
-    if catalog.get(job.model).baseline == "flux_1" and payload.sampler_name != "k_euler":
-        return f"Flux models run k_euler only, not {payload.sampler_name!r}"
+    refusal = sampler_refusal(payload.sampler_name, catalog.get(job.model).baseline)
+    if refusal is not None:
+        return refusal
     unsupported = [name for name, used in (
         ("hires_fix", payload.hires_fix), ("tiling", payload.tiling), ("post_processing", payload.post_processing),
         ("loras", payload.loras), ("tis", payload.tis), ("control_type", payload.control_type),

@@ -71,7 +71,6 @@ class Supervisor:
         self.scheduler = Scheduler()
         self.stats = SessionStats()
         self.jobs: dict[str, Job] = {}
-        self.exit_code = 0
         self.stopping = False
         self.fatal: str | None = None
         self._wake: asyncio.Event | None = None
@@ -155,7 +154,7 @@ class Supervisor:
         await asyncio.to_thread(self.pool.stop)
         for task in list(self._tasks):
             task.cancel()
-        return 1 if self.fatal else self.exit_code
+        return 1 if self.fatal else 0
 
     async def _prepare_worker(self) -> None:
         if not self.settings.remove_maintenance_on_init:
