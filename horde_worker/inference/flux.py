@@ -61,78 +61,59 @@ _TOP = [
 ]
 
 
+def _one_to_one(doubles: list[int], singles: list[int]):
+    """(BFL tensor name, diffusers tensor name) for every tensor that maps unchanged."""
+    pairs = list(_TOP)
+    pairs += [(f"double_blocks.{i}.{a}", f"transformer_blocks.{i}.{b}") for i in doubles for a, b in _DOUBLE]
+    pairs += [(f"single_blocks.{i}.{a}", f"single_transformer_blocks.{i}.{b}") for i in singles for a, b in _SINGLE]
+    for src, dst in pairs:
+        for kind in ("weight", "bias"):
+            yield f"{src}.{kind}", f"{dst}.{kind}"
+    for i in doubles:
+        for a, b in _DOUBLE_NORMS:
+            yield f"double_blocks.{i}.{a}", f"transformer_blocks.{i}.{b}"
+    for i in singles:
+        for a, b in _SINGLE_NORMS:
+            yield f"single_blocks.{i}.{a}", f"single_transformer_blocks.{i}.{b}"
+
+
+def _fused(doubles: list[int], singles: list[int]):
+    """(BFL tensor name, the diffusers tensors it concatenates, in order). All but the last part are
+    `inner` rows wide: q, k, v of the attention, then (in single blocks) the MLP's input."""
+    for kind in ("weight", "bias"):
+        for i in doubles:
+            dst = f"transformer_blocks.{i}.attn."
+            yield f"double_blocks.{i}.img_attn.qkv.{kind}", [f"{dst}{n}.{kind}" for n in ("to_q", "to_k", "to_v")]
+            yield f"double_blocks.{i}.txt_attn.qkv.{kind}", [
+                f"{dst}{n}.{kind}" for n in ("add_q_proj", "add_k_proj", "add_v_proj")]
+        for i in singles:
+            yield f"single_blocks.{i}.linear1.{kind}", [
+                f"single_transformer_blocks.{i}.{n}.{kind}" for n in ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")]
+
+
 def transformer_weights_from_bfl(bfl: dict[str, torch.Tensor], inner: int) -> dict[str, torch.Tensor]:
     """BFL-layout transformer tensors (no prefix) in diffusers' names."""
-    out: dict[str, torch.Tensor] = {}
-
-    def copy(src: str, dst: str) -> None:
-        for kind in ("weight", "bias"):
-            if f"{src}.{kind}" in bfl:
-                out[f"{dst}.{kind}"] = bfl[f"{src}.{kind}"]
-
-    for src, dst in _TOP:
-        copy(src, dst)
+    doubles = sorted(_count_indices(list(bfl), r"double_blocks\.(\d+)\."))
+    singles = sorted(_count_indices(list(bfl), r"single_blocks\.(\d+)\."))
+    out = {dst: bfl[src] for src, dst in _one_to_one(doubles, singles) if src in bfl}
+    for src, parts in _fused(doubles, singles):
+        fused = bfl[src]
+        sizes = [inner] * (len(parts) - 1) + [fused.shape[0] - inner * (len(parts) - 1)]
+        out.update(zip(parts, torch.split(fused, sizes, dim=0), strict=True))
     for kind in ("weight", "bias"):
-        key = f"final_layer.adaLN_modulation.1.{kind}"
-        out[f"norm_out.linear.{kind}"] = _swap_halves(bfl[key])
-    for i in sorted(_count_indices(list(bfl), r"double_blocks\.(\d+)\.")):
-        src, dst = f"double_blocks.{i}.", f"transformer_blocks.{i}."
-        for a, b in _DOUBLE:
-            copy(src + a, dst + b)
-        for a, b in _DOUBLE_NORMS:
-            out[dst + b] = bfl[src + a]
-        for stream, names in (("img_attn", ("to_q", "to_k", "to_v")), ("txt_attn", ("add_q_proj", "add_k_proj",
-                                                                                    "add_v_proj"))):
-            for kind in ("weight", "bias"):
-                for name, part in zip(names, bfl[f"{src}{stream}.qkv.{kind}"].chunk(3, dim=0), strict=True):
-                    out[f"{dst}attn.{name}.{kind}"] = part
-    for i in sorted(_count_indices(list(bfl), r"single_blocks\.(\d+)\.")):
-        src, dst = f"single_blocks.{i}.", f"single_transformer_blocks.{i}."
-        for a, b in _SINGLE:
-            copy(src + a, dst + b)
-        for a, b in _SINGLE_NORMS:
-            out[dst + b] = bfl[src + a]
-        for kind in ("weight", "bias"):
-            fused = bfl[f"{src}linear1.{kind}"]
-            q, k, v, mlp = torch.split(fused, [inner, inner, inner, fused.shape[0] - 3 * inner], dim=0)
-            for name, part in (("attn.to_q", q), ("attn.to_k", k), ("attn.to_v", v), ("proj_mlp", mlp)):
-                out[f"{dst}{name}.{kind}"] = part
+        out[f"norm_out.linear.{kind}"] = _swap_halves(bfl[f"final_layer.adaLN_modulation.1.{kind}"])
     return out
 
 
 def bfl_from_transformer(model) -> dict[str, torch.Tensor]:
     """The inverse mapping, for writing test checkpoints in the layout real files have."""
     state = model.state_dict()
-    out: dict[str, torch.Tensor] = {}
-
-    def copy(src: str, dst: str) -> None:
-        for kind in ("weight", "bias"):
-            if f"{dst}.{kind}" in state:
-                out[f"{src}.{kind}"] = state[f"{dst}.{kind}"]
-
-    for src, dst in _TOP:
-        copy(src, dst)
+    doubles, singles = list(range(model.config.num_layers)), list(range(model.config.num_single_layers))
+    out = {src: state[dst] for src, dst in _one_to_one(doubles, singles) if dst in state}
+    for src, parts in _fused(doubles, singles):
+        out[src] = torch.cat([state[p] for p in parts])
     for kind in ("weight", "bias"):
         out[f"final_layer.adaLN_modulation.1.{kind}"] = _swap_halves(state[f"norm_out.linear.{kind}"])
-    for i in range(model.config.num_layers):
-        src, dst = f"double_blocks.{i}.", f"transformer_blocks.{i}."
-        for a, b in _DOUBLE:
-            copy(src + a, dst + b)
-        for a, b in _DOUBLE_NORMS:
-            out[src + a] = state[dst + b]
-        for kind in ("weight", "bias"):
-            out[f"{src}img_attn.qkv.{kind}"] = torch.cat([state[f"{dst}attn.{n}.{kind}"] for n in ("to_q", "to_k", "to_v")])
-            out[f"{src}txt_attn.qkv.{kind}"] = torch.cat(
-                [state[f"{dst}attn.{n}.{kind}"] for n in ("add_q_proj", "add_k_proj", "add_v_proj")])
-    for i in range(model.config.num_single_layers):
-        src, dst = f"single_blocks.{i}.", f"single_transformer_blocks.{i}."
-        for a, b in _SINGLE:
-            copy(src + a, dst + b)
-        for a, b in _SINGLE_NORMS:
-            out[src + a] = state[dst + b]
-        for kind in ("weight", "bias"):
-            out[f"{src}linear1.{kind}"] = torch.cat(
-                [state[f"{dst}{n}.{kind}"] for n in ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")])
     return out
 
 
