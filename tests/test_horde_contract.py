@@ -110,7 +110,7 @@ def test_ttl_abort_requeues_and_late_submit_is_aborted():
 
 
 def test_ttl_formula_follows_the_server():
-    from horde_worker.localhorde.state import job_ttl
+    from horde_worker.localhorde.rules import job_ttl
 
     assert job_ttl({"steps": 30}) == 150
     assert job_ttl({"steps": 50, "width": 1024, "height": 1024}) == 430

@@ -18,7 +18,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from horde_worker.localhorde.state import HordeState, LocalHordeError
+from horde_worker.localhorde.rules import LocalHordeError
+from horde_worker.localhorde.state import HordeState
 
 FAULT_KINDS = ("500", "503", "429", "reset", "reset_after", "slow")
 

@@ -1,7 +1,7 @@
-"""The local horde's bookkeeping: users, requests, handed-out jobs, workers and their rules.
+"""The local horde's bookkeeping: users, requests, handed-out jobs and workers.
 
 Pure logic behind one lock, no HTTP: the server module maps routes onto these methods. The
-rules follow the real server (docs/horde-contract.md): batching by `amount`, TTL abort and
+rules (in `rules.py`) follow the real server (docs/horde-contract.md): batching by `amount`, TTL abort and
 re-queue, faulted jobs re-queued, DuplicateGen / AbortedGen, maintenance after more than 20
 aborted or faulted jobs in an hour, and "no job" answered with a payload full of defaults.
 """
@@ -14,130 +14,19 @@ import secrets
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
 from typing import Any
 
-ANONYMOUS_KEY = "0000000000"
-SECOND_ORDER_SAMPLERS = {"k_heun", "k_dpm_2", "k_dpm_2_a", "k_dpmpp_2s_a", "k_dpmpp_sde"}
-POST_PROCESSORS_FACEFIX = {"GFPGAN", "GFPGANv1.3", "RestoreFormer", "CodeFormers"}
-SKIP_KEYS = ("unsafe_ip", "img2img", "painting", "post-processing", "lora", "controlnet", "worker_id",
-             "performance", "nsfw", "untrusted", "models", "bridge_version", "max_pixels", "step_count")
-
-# The payload the real server returns on a pop that finds no job.
-EMPTY_PAYLOAD = {
-    "ddim_steps": 30, "n_iter": 1, "image_is_control": False, "return_control_map": False,
-    "sampler_name": "k_euler_a", "cfg_scale": 7.5, "height": 512, "width": 512, "karras": False,
-    "tiling": False, "hires_fix": False, "transparent": False,
-}
-_OPTIONAL_PARAMS = ("denoising_strength", "post_processing", "clip_skip", "facefixer_strength", "control_type",
-                    "hires_fix_denoising_strength", "tis", "workflow", "extra_texts", "special",
-                    "use_nsfw_censor")
-
-
-class LocalHordeError(Exception):
-    """An error answer: HTTP status, rc and message, as the real server words them."""
-
-    def __init__(self, status: int, rc: str, message: str, errors: dict | None = None) -> None:
-        super().__init__(message)
-        self.status, self.rc, self.message, self.errors = status, rc, message, errors
-
-    def body(self) -> dict[str, Any]:
-        if self.errors is not None:
-            return {"errors": self.errors, "message": self.message}
-        return {"message": self.message, "rc": self.rc}
-
-
-def job_ttl(params: dict[str, Any], model_is_flux: bool = False, extra_slow: bool = False, minimum: int = 150) -> int:
-    """Seconds the server gives one job, by the server's formula."""
-    steps = int(params.get("steps", 30))
-    sampler = params.get("sampler_name", "k_euler_a")
-    if sampler == "k_dpm_adaptive":
-        steps = 40
-    elif sampler in SECOND_ORDER_SAMPLERS:
-        steps *= 2
-    pixels = int(params.get("width", 512)) * int(params.get("height", 512))
-    ttl = 30 + steps * 2 * (pixels / 512**2)
-    if params.get("control_type"):
-        ttl *= 2
-    if model_is_flux:
-        ttl *= 3
-    ttl = max(minimum, ttl)
-    if extra_slow:
-        ttl *= 3
-    return int(ttl)
-
-
-def job_reward(params: dict[str, Any], model: str = "") -> float:
-    """An approximation of the server's kudos for one image (512x512x50 k_euler is about 11)."""
-    mps = int(params.get("width", 512)) * int(params.get("height", 512)) * int(params.get("steps", 30)) / 1e6
-    reward = 2.33 + 0.66 * mps
-    reward += 3 * len(params.get("loras") or []) + (1 if params.get("tis") else 0)
-    lowered = model.lower()
-    if "flux" in lowered:
-        reward *= 8
-    elif "xl" in lowered:
-        reward *= 2
-    return round(reward, 2)
-
-
-@dataclass
-class Generation:
-    """One image of a request, handed to a worker as one job id."""
-
-    id: str
-    request_id: str
-    worker_id: str
-    worker_name: str
-    model: str
-    seed: str
-    popped_at: float
-    ttl: int
-    state: str = "processing"  # processing | done | faulted | aborted
-    generation: str | None = None  # "R2" or base64 WebP
-    submitted_seed: int | None = None
-    gen_metadata: list[dict[str, Any]] = field(default_factory=list)
-    accepted_submits: int = 0
-    reward: float = 0.0
-
-
-@dataclass
-class ImageRequest:
-    """A request sent to /v2/generate/async."""
-
-    id: str
-    body: dict[str, Any]
-    created: float
-    pending: int
-    owner_key: str = ANONYMOUS_KEY
-    seed_counter: int = 0
-    restarted: int = 0
-    faulted: bool = False
-    generation_ids: list[str] = field(default_factory=list)
-
-    @property
-    def params(self) -> dict[str, Any]:
-        return self.body.get("params") or {}
-
-
-@dataclass
-class Worker:
-    """A worker known to the local horde."""
-
-    id: str
-    name: str
-    owner_key: str
-    bridge_agent: str = ""
-    models: list[str] = field(default_factory=list)
-    last_pop: float = 0.0
-    maintenance: bool = False
-    maintenance_msg: str = ""
-    failures: list[float] = field(default_factory=list)
-    fulfilled: int = 0
-    kudos: float = 0.0
-    megapixelsteps: float = 0.0
-    uncompleted: int = 0
-    extra_slow: bool = False
-    settings: dict[str, Any] = field(default_factory=dict)
+from horde_worker.localhorde.records import Generation, ImageRequest, Worker
+from horde_worker.localhorde.rules import (
+    ANONYMOUS_KEY,
+    EMPTY_PAYLOAD,
+    SKIP_KEYS,
+    LocalHordeError,
+    job_payload,
+    job_reward,
+    job_ttl,
+    unsuitable,
+)
 
 
 class HordeState:
@@ -246,7 +135,7 @@ class HordeState:
                 if worker.maintenance and request.owner_key != worker.owner_key:
                     skipped["worker_id"] += request.pending  # in maintenance only the owner's own requests
                     continue
-                reason = self._unsuitable(request, body, models)
+                reason = unsuitable(request, body, models)
                 if reason:
                     skipped[reason] += request.pending
                     continue
@@ -273,57 +162,6 @@ class HordeState:
         worker.extra_slow = bool(body.get("extra_slow_worker", False))
         worker.settings = {k: v for k, v in body.items() if k not in ("name", "models")}
         return worker
-
-    @staticmethod
-    def _unsuitable(request: ImageRequest, worker_body: dict[str, Any], models: list[str]) -> str | None:
-        params = request.params
-        if not set(request.body["models"]) & set(models):
-            return "models"
-        if int(params.get("width", 512)) * int(params.get("height", 512)) > int(worker_body.get("max_pixels", 262144)):
-            return "max_pixels"
-        if request.body.get("nsfw") and not worker_body.get("nsfw", True):
-            return "nsfw"
-        if request.body.get("source_image"):
-            processing = request.body.get("source_processing", "img2img")
-            if processing in ("inpainting", "outpainting") and not worker_body.get("allow_painting", True):
-                return "painting"
-            if not worker_body.get("allow_img2img", True):
-                return "img2img"
-        if params.get("post_processing") and not worker_body.get("allow_post_processing", True):
-            return "post-processing"
-        if (params.get("loras") or params.get("tis")) and not worker_body.get("allow_lora", False):
-            return "lora"
-        if params.get("control_type") and not worker_body.get("allow_controlnet", False):
-            return "controlnet"
-        prompt = request.body.get("prompt", "").lower()
-        if any(word and word.lower() in prompt for word in worker_body.get("blacklist") or []):
-            return "untrusted"
-        return None
-
-    def _payload(self, request: ImageRequest, count: int, seed: str) -> dict[str, Any]:
-        params = request.params
-        payload = {
-            "prompt": request.body["prompt"],
-            "ddim_steps": int(params.get("steps", 30)),
-            "n_iter": count,
-            "seed": seed,
-            "image_is_control": bool(params.get("image_is_control", False)),
-            "return_control_map": bool(params.get("return_control_map", False)),
-            "sampler_name": params.get("sampler_name", "k_euler_a"),
-            "cfg_scale": float(params.get("cfg_scale", 5.0)),
-            "height": int(params.get("height", 512)),
-            "width": int(params.get("width", 512)),
-            "karras": bool(params.get("karras", True)),
-            "tiling": bool(params.get("tiling", False)),
-            "hires_fix": bool(params.get("hires_fix", False)),
-            "transparent": bool(params.get("transparent", False)),
-        }
-        for key in _OPTIONAL_PARAMS:
-            if params.get(key) is not None:
-                payload[key] = params[key]
-        if params.get("loras"):
-            payload["loras"] = [{"is_version": False, **lora} for lora in params["loras"]]
-        return payload
 
     def _hand_out(self, request: ImageRequest, worker: Worker, count: int, worker_body: dict[str, Any],
                   models: list[str], base_url: str) -> dict[str, Any]:
@@ -353,7 +191,7 @@ class HordeState:
         uploads = [f"{base_url}/r2/gen/{gid}.webp?signature={secrets.token_hex(8)}" for gid in ids]
         extra = request.body.get("extra_source_images")
         return {
-            "payload": self._payload(request, count, seed),
+            "payload": job_payload(request, count, seed),
             "id": ids[0], "ids": ids, "messages": [], "ttl": ttl, "skipped": {}, "model": model,
             "source_image": self._blob_ref(request.body.get("source_image"), base_url),
             "source_processing": request.body.get("source_processing", "img2img"),
@@ -535,7 +373,7 @@ class HordeState:
             for request in self.requests.values():
                 if request.faulted or request.pending <= 0:
                     continue
-                reason = self._unsuitable(request, body, worker.models)
+                reason = unsuitable(request, body, worker.models)
                 if reason is None:
                     return {}
                 out[request.id] = reason
