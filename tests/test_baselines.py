@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from horde_worker.inference import checkpoint
-from horde_worker.inference.pipelines import load_pipeline, txt2img
+from horde_worker.inference.generate import generate_images as txt2img
+from horde_worker.inference.pipelines import load_pipeline
 from horde_worker.inference.tiny import tiny_sd2_components, tiny_sdxl_components, write_tiny_checkpoint
 from tests.test_checkpoint_and_pipeline import no_network, request  # noqa: F401  (fixture: no outbound traffic)
 

@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from horde_worker.inference import checkpoint
+from horde_worker.inference.generate import generate_images as txt2img
 from horde_worker.inference.messages import GenerateRequest
-from horde_worker.inference.pipelines import load_pipeline, txt2img
+from horde_worker.inference.pipelines import load_pipeline
 from horde_worker.inference.tiny import tiny_sd15_components
 from horde_worker.supervisor.jobspec import split_prompt
 

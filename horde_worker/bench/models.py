@@ -80,8 +80,8 @@ def measure(paths: dict[str, Path], device_name: str, full_size: bool) -> dict[s
     """Figures per baseline."""
     import torch
 
+    from horde_worker.inference.generate import generate_images as txt2img
     from horde_worker.inference.messages import GenerateRequest
-    from horde_worker.inference.pipelines import txt2img
     from horde_worker.inference.residency import Residency
 
     device = torch.device(device_name)
@@ -136,8 +136,9 @@ def measure_flux(folder: Path, device_name: str) -> dict[str, Any]:
     import torch
 
     from horde_worker.bench.fullsize import write_full_flux_checkpoint
+    from horde_worker.inference.generate import generate_images as txt2img
     from horde_worker.inference.messages import GenerateRequest
-    from horde_worker.inference.pipelines import load_pipeline, txt2img
+    from horde_worker.inference.pipelines import load_pipeline
 
     path = folder / "flux-schnell-full.safetensors"
     if not path.exists():

@@ -43,7 +43,37 @@ class GenerateRequest:
     seeds: list[int]
     clip_skip: int = 1
     v_prediction: bool = False
+    tiling: bool = False
+    hires_fix: bool = False
+    hires_fix_denoising_strength: float | None = None
+    # Source images as encoded bytes (checked by the supervisor); `source_processing` is the horde's
+    # img2img | inpainting | outpainting | remix and only means something with a source image.
+    source_image: bytes | None = None
+    source_mask: bytes | None = None
+    source_processing: str = "img2img"
+    denoising_strength: float | None = None
+    extra_images: list[tuple[bytes, float]] = field(default_factory=list)
+    loras: list[AdapterFile] = field(default_factory=list)
+    tis: list[AdapterFile] = field(default_factory=list)
+    control_type: str | None = None
+    control_model_path: str | None = None
+    image_is_control: bool = False
+    return_control_map: bool = False
+    # Paths of inpainting/annotator weights and other extras by name.
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class AdapterFile:
+    """A LoRA or textual inversion already on disk, with how the job wants it applied."""
+
+    name: str  # what the job called it (the gen_metadata ref)
+    path: str
+    model_strength: float = 1.0
+    clip_strength: float = 1.0
+    # Text to add to the prompt (LoRA triggers) or where a TI goes ("prompt" / "negprompt" / None).
+    inject: str | None = None
+    token: str = ""
 
 
 @dataclass(frozen=True)
@@ -99,6 +129,8 @@ class GenerateResult:
     resident_models: list[str]
     load_source: str = "resident"  # resident | ram | disk
     resident_bytes: int = 0
+    # (type, value, ref) gen_metadata entries found while generating (e.g. a LoRA that does not fit).
+    notes: list[tuple[str, str, str | None]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)

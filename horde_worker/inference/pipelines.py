@@ -1,23 +1,19 @@
 """Loading Stable Diffusion pipelines offline and running a horde job through them.
 
-`txt2img` reads as the algorithm: build the sampler, encode the prompt, one generator per
-image seed, sample, return pixels. Everything the horde payload says is mapped here.
+A job's run through a loaded pipeline is `inference/generate.py`.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from horde_worker.inference import checkpoint
-from horde_worker.inference.messages import GenerateRequest
-from horde_worker.inference.samplers import make_scheduler, scheduler_config
+from horde_worker.inference.samplers import scheduler_config
 
 TOKENIZER_DIR = Path(__file__).parent / "assets" / "clip_tokenizer"
 
@@ -160,58 +156,3 @@ def apply_speedups(pipe, device: torch.device) -> None:
         pipe.vae.to(memory_format=torch.channels_last)
     if "fuse_qkv" in wanted:
         pipe.fuse_qkv_projections()
-
-
-def _flux_call(model: LoadedModel, request: GenerateRequest, prompts: list[str], negatives: list[str], common: dict):
-    """Flux runs its own flow-matching Euler sampler: the horde's k_euler, and nothing else."""
-    from horde_worker.inference.samplers import UnsupportedSampler, sampler_refusal
-
-    refusal = sampler_refusal(request.sampler_name, model.baseline)
-    if refusal is not None:
-        raise UnsupportedSampler(refusal)
-    pipe = model.pipeline
-    extra: dict[str, Any] = {}
-    if request.negative_prompt and request.cfg_scale > 1:
-        # A negative prompt needs true classifier-free guidance: two passes per step.
-        extra = {"negative_prompt": negatives, "true_cfg_scale": request.cfg_scale}
-    distilled = pipe.transformer.config.guidance_embeds
-    return pipe(prompt=prompts, guidance_scale=request.cfg_scale if distilled else 0.0,
-                max_sequence_length=512 if distilled else 256, **extra, **common)
-
-
-def txt2img(
-    model: LoadedModel,
-    request: GenerateRequest,
-    on_step: Callable[[int, int], None] | None = None,
-) -> list[np.ndarray]:
-    """Generate `len(request.seeds)` images; image i depends only on seed i, so any one of them is
-    regenerated exactly by a job with that seed alone."""
-    from horde_worker.inference.prompts import expand_choices
-
-    pipe = model.pipeline
-    count = len(request.seeds)
-    prompts = [expand_choices(request.prompt, seed) for seed in request.seeds]
-    negatives = [expand_choices(request.negative_prompt, seed) for seed in request.seeds]
-    # CPU generators make a seed give the same noise on every device.
-    generators = [torch.Generator("cpu").manual_seed(int(seed)) for seed in request.seeds]
-
-    def step_end(_pipe, step: int, _timestep, tensors: dict) -> dict:
-        if on_step is not None:
-            on_step(step + 1, request.steps)
-        return tensors
-
-    common = dict(width=request.width, height=request.height, num_inference_steps=request.steps,
-                  generator=generators, output_type="np", callback_on_step_end=step_end)
-    if model.baseline == "flux_1":
-        output = _flux_call(model, request, prompts, negatives, common)
-    else:
-        pipe.scheduler = make_scheduler(request.sampler_name, request.karras, model.scheduler_config, request.seeds)
-        output = pipe(
-            prompt=prompts,
-            negative_prompt=negatives if request.negative_prompt else None,
-            guidance_scale=request.cfg_scale,
-            clip_skip=request.clip_skip - 1 if request.clip_skip > 1 else None,
-            **common,
-        )
-    images = np.clip(np.rint(output.images * 255.0), 0, 255).astype(np.uint8)
-    return [images[i] for i in range(count)]

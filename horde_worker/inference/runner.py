@@ -76,16 +76,17 @@ class ModelRunner:
         """Run one job and return its images."""
         import torch
 
-        from horde_worker.inference.pipelines import txt2img
+        from horde_worker.inference.generate import run_job
 
         loaded, source, load_seconds = self.residency.acquire(request.model_name, request.model_path,
                                                                request.v_prediction)
         start = time.perf_counter()
         with torch.inference_mode():
-            images = txt2img(loaded, request, on_step=lambda s, t: send(Progress(request.job_id, s, t)))
+            output = run_job(loaded, request, on_step=lambda s, t: send(Progress(request.job_id, s, t)))
         return GenerateResult(
             job_id=request.job_id,
-            images=images,
+            images=output.images,
+            notes=output.notes,
             load_seconds=load_seconds,
             sample_seconds=time.perf_counter() - start,
             resident_models=self.residency.names(),

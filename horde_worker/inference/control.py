@@ -1,0 +1,1 @@
+"""ControlNet: placeholder replaced below."""

@@ -1,0 +1,210 @@
+"""One horde job through a loaded model, top to bottom.
+
+    prompts  = the `{a|b}` choices of each image's seed, then weights and chunks -> conditioning
+    adapters = the job's LoRAs and textual inversions, applied for this job only
+    sources  = source image and mask at the job's size
+    then exactly one of:
+      ControlNet    (control_type: the annotator's map guides a txt2img pass)
+      inpainting    (a mask from source_mask or the source's alpha; kept pixels composited back)
+      img2img       (denoising_strength; the requested number of steps really runs)
+      txt2img       (with hires_fix: a first pass at the baseline's native size, then img2img)
+
+Image i depends only on seed i: one CPU generator per image, so a job for that seed alone
+regenerates it exactly, on any device.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from horde_worker.inference import sources as sources_mod
+from horde_worker.inference.conditioning import encode_prompts, plain_text
+from horde_worker.inference.messages import GenerateRequest
+from horde_worker.inference.samplers import UnsupportedSampler, make_scheduler, sampler_refusal
+
+DEFAULT_HIRES_STRENGTH = 0.65
+# SDXL's training buckets: a hires first pass picks the one nearest the job's aspect ratio.
+XL_BUCKETS = ((1024, 1024), (1152, 896), (896, 1152), (1216, 832), (832, 1216), (1344, 768), (768, 1344),
+              (1536, 640), (640, 1536))
+
+
+class UnsupportedJob(ValueError):
+    """The job asks for something this model cannot do faithfully."""
+
+
+@dataclass
+class JobOutput:
+    """Images of a job and the gen_metadata notes found while making them."""
+
+    images: list[np.ndarray]
+    notes: list[tuple[str, str, str | None]] = field(default_factory=list)
+
+
+def native_size(baseline: str, width: int, height: int, v_prediction: bool = False) -> tuple[int, int]:
+    """The size a baseline was trained at, with the job's aspect ratio (multiples of 64)."""
+    if baseline in ("stable_diffusion_xl", "flux_1"):
+        aspect = width / height
+        return min(XL_BUCKETS, key=lambda wh: abs(math.log(wh[0] / wh[1] / aspect)))
+    short = 768 if v_prediction else 512
+    scale = short / min(width, height)
+    return max(64, round(width * scale / 64) * 64), max(64, round(height * scale / 64) * 64)
+
+
+def img2img_steps(steps: int, strength: float) -> int:
+    """The schedule length whose `strength` part is exactly `steps` steps (diffusers runs
+    int(schedule x strength) of them)."""
+    total = max(steps, math.ceil(steps / strength - 1e-9))
+    while int(total * strength) < steps:
+        total += 1
+    return total
+
+
+def run_job(model, request: GenerateRequest, on_step: Callable[[int, int], None] | None = None) -> JobOutput:
+    """Generate the job's images (one per seed)."""
+    from horde_worker.inference import adapters, control
+
+    if request.tiling and model.baseline == "flux_1":
+        raise UnsupportedJob("tiling is not available for Flux models (no convolutions to wrap)")
+    refusal = sampler_refusal(request.sampler_name, model.baseline)
+    if refusal is not None:
+        raise UnsupportedSampler(refusal)
+    notes: list[tuple[str, str, str | None]] = []
+    with adapters.applied(model, request, notes) as (prompts, negatives), tiled(model.pipeline, request.tiling):
+        sources = sources_mod.load_sources(request)
+        pass_ = Pass(model, request, prompts, negatives, on_step)
+        if request.control_type:
+            images = control.run(pass_, sources)
+        elif sources.painting:
+            images = [sources_mod.composite(img, sources) for img in pass_.inpaint(sources)]
+        elif sources.image is not None:
+            images = pass_.img2img(sources.image, request.denoising_strength or 0.75, request.steps)
+        else:
+            images = pass_.txt2img_with_hires()
+    return JobOutput(images=images, notes=notes)
+
+
+def generate_images(model, request: GenerateRequest,
+                    on_step: Callable[[int, int], None] | None = None) -> list[np.ndarray]:
+    """The images of `run_job`, for callers that do not need its notes."""
+    return run_job(model, request, on_step).images
+
+
+class tiled:  # noqa: N801 - a context manager read as a phrase: `with tiled(pipe, on)`
+    """Wrap every convolution around the image's edges, so that the output tiles seamlessly."""
+
+    def __init__(self, pipe, enabled: bool) -> None:
+        self.convs: list[torch.nn.Conv2d] = []
+        if enabled:
+            for name in ("unet", "vae", "controlnet"):
+                module = getattr(pipe, name, None)
+                if module is not None:
+                    self.convs += [m for m in module.modules() if isinstance(m, torch.nn.Conv2d)]
+
+    def __enter__(self) -> tiled:
+        for conv in self.convs:
+            conv.padding_mode = "circular"
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for conv in self.convs:
+            conv.padding_mode = "zeros"
+
+
+class Pass:
+    """Calls into the diffusers pipelines of one job, sharing its conditioning and seeds."""
+
+    def __init__(self, model, request: GenerateRequest, prompts: list[str], negatives: list[str],
+                 on_step: Callable[[int, int], None] | None) -> None:
+        self.model, self.request, self.on_step = model, request, on_step
+        self.pipe = model.pipeline
+        self.is_flux = model.baseline == "flux_1"
+        self.prompts, self.negatives = prompts, negatives
+        self._conditioning: dict[str, Any] | None = None
+
+    def generators(self) -> list[torch.Generator]:
+        # CPU generators make a seed give the same noise on every device.
+        return [torch.Generator("cpu").manual_seed(int(seed)) for seed in self.request.seeds]
+
+    def conditioning(self) -> dict[str, Any]:
+        if self._conditioning is None:
+            if self.is_flux:
+                self._conditioning = self._flux_conditioning()
+            else:
+                self._conditioning = encode_prompts(
+                    self.pipe, self.model.baseline, self.prompts, self.negatives, self.request.clip_skip,
+                    zero_empty_negative=bool(self.pipe.config.get("force_zeros_for_empty_prompt", False)))
+        return self._conditioning
+
+    def _flux_conditioning(self) -> dict[str, Any]:
+        request = self.request
+        prompts = [plain_text(p) for p in self.prompts]
+        distilled = self.pipe.transformer.config.guidance_embeds
+        extra: dict[str, Any] = {"prompt": prompts, "max_sequence_length": 512 if distilled else 256,
+                                 "guidance_scale": request.cfg_scale if distilled else 0.0}
+        if request.negative_prompt and request.cfg_scale > 1:
+            # A negative prompt needs true classifier-free guidance: two passes per step.
+            extra.update(negative_prompt=[plain_text(n) for n in self.negatives], true_cfg_scale=request.cfg_scale)
+        return extra
+
+    def call(self, pipeline, steps: int, total_steps: int, **kwargs) -> list[np.ndarray]:
+        """Run one diffusers pipeline call with the job's sampler, conditioning and seeds."""
+        request = self.request
+
+        def step_end(_pipe, step: int, _timestep, tensors: dict) -> dict:
+            if self.on_step is not None:
+                self.on_step(min(step + 1, total_steps), total_steps)
+            return tensors
+
+        if not self.is_flux:
+            pipeline.scheduler = make_scheduler(request.sampler_name, request.karras, self.model.scheduler_config,
+                                                request.seeds)
+            kwargs.setdefault("guidance_scale", request.cfg_scale)
+        output = pipeline(num_inference_steps=steps, generator=self.generators(), output_type="np",
+                          callback_on_step_end=step_end, **self.conditioning(), **kwargs)
+        images = np.clip(np.rint(output.images * 255.0), 0, 255).astype(np.uint8)
+        return [images[i] for i in range(len(request.seeds))]
+
+    def txt2img(self, width: int, height: int) -> list[np.ndarray]:
+        return self.call(self.pipe, self.request.steps, self.request.steps, width=width, height=height)
+
+    def txt2img_with_hires(self) -> list[np.ndarray]:
+        request = self.request
+        if not request.hires_fix:
+            return self.txt2img(request.width, request.height)
+        first = native_size(self.model.baseline, request.width, request.height, request.v_prediction)
+        if first[0] * first[1] >= request.width * request.height:
+            return self.txt2img(request.width, request.height)  # already at or under native size
+        low = self.txt2img(*first)
+        strength = request.hires_fix_denoising_strength or DEFAULT_HIRES_STRENGTH
+        upscaled = [Image.fromarray(img).resize((request.width, request.height), Image.Resampling.LANCZOS)
+                    for img in low]
+        # The second pass runs the requested steps' denoising share, as a hires fix does.
+        return self.img2img(upscaled, strength, max(1, round(request.steps * strength)))
+
+    def img2img(self, images, strength: float, steps: int) -> list[np.ndarray]:
+        from diffusers import AutoPipelineForImage2Image
+
+        strength = min(1.0, max(0.01, strength))
+        if not isinstance(images, list):
+            images = [images] * len(self.request.seeds)
+        pipeline = AutoPipelineForImage2Image.from_pipe(self.pipe)
+        return self.call(pipeline, img2img_steps(steps, strength), steps, image=images, strength=strength,
+                         width=self.request.width, height=self.request.height)
+
+    def inpaint(self, sources: sources_mod.Sources) -> list[np.ndarray]:
+        from diffusers import AutoPipelineForInpainting
+
+        request = self.request
+        strength = min(1.0, max(0.01, request.denoising_strength or 1.0))
+        count = len(request.seeds)
+        pipeline = AutoPipelineForInpainting.from_pipe(self.pipe)
+        return self.call(pipeline, img2img_steps(request.steps, strength), request.steps,
+                         image=[sources.image] * count, mask_image=[sources.mask] * count, strength=strength,
+                         width=request.width, height=request.height)
