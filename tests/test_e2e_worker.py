@@ -169,3 +169,35 @@ def test_models_added_to_bridge_data_while_running_are_served(tmp_path, local_ho
     ((gen, img),) = images_of(local_horde, request_id)
     assert gen["model"] == "my-sd2" and img.shape == (128, 128, 3)
     assert "added my-sd2" in worker.output()
+
+
+def test_source_images_arrive_by_url_and_bad_ones_become_gen_metadata(local_horde, start_worker):
+    import base64
+
+    start_worker(local_horde)
+    source = io.BytesIO()
+    Image.new("RGB", (256, 256), (200, 30, 30)).save(source, format="WEBP", lossless=True)
+    encoded = base64.b64encode(source.getvalue()).decode()
+
+    def post_source(source_image: str, **extra) -> str:
+        body = {"prompt": "a boat", "params": {"steps": 4, "width": 256, "height": 256, "n": 1, "seed": "5",
+                                              "denoising_strength": 0.5},
+                "models": ["horde-worker-tiny-sd15"], "source_image": source_image, **extra}
+        answer = requests.post(f"{local_horde.url}/v2/generate/async", json=body, timeout=10)
+        assert answer.status_code == 202, answer.text
+        return answer.json()["id"]
+
+    good = post_source(encoded)  # the worker gets a presigned-style URL on the local horde
+    unreachable = post_source("http://127.0.0.1:9/nothing-listens-here.webp")
+    garbage = post_source(base64.b64encode(b"this is not an image").decode())
+    txt2img = post(local_horde, "a boat", seed="5", width=256, height=256)
+    for request_id in (good, unreachable, garbage, txt2img):
+        wait_for(lambda rid=request_id: status(local_horde, rid)["done"], 180, "the source-image requests")
+    (good_gen, good_img), = images_of(local_horde, good)
+    (_, plain_img), = images_of(local_horde, txt2img)
+    assert good_gen["state"] == "ok" and not good_gen.get("gen_metadata")
+    assert np.abs(good_img.astype(int) - plain_img.astype(int)).mean() > 3  # the source was used
+    for request_id, value in ((unreachable, "download_failed"), (garbage, "parse_failed")):
+        (gen, image), = images_of(local_horde, request_id)
+        assert gen["state"] == "ok" and image.shape == (256, 256, 3)
+        assert gen["gen_metadata"] == [{"type": "source_image", "value": value}]

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 
+import numpy as np
 from PIL import Image
 
 from tests.conftest import REPO
@@ -30,25 +31,35 @@ def test_local_jobs_serves_samples_and_ends_with_a_summary(tmp_path, model_cache
 
 
 def test_local_requests_file_is_replayed_into_out(tmp_path, model_cache):
-    png = io.BytesIO()
-    Image.new("RGB", (64, 64), "red").save(png, format="PNG")
+    def b64(image: Image.Image) -> str:
+        buffer = io.BytesIO()
+        image.save(buffer, format="WEBP", lossless=True)
+        return base64.b64encode(buffer.getvalue()).decode()
+
+    red = Image.new("RGB", (64, 64), "red")
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (0, 0, 32, 64))  # repaint the left half
     requests_file = tmp_path / "requests.json"
     requests_file.write_text(json.dumps([
         {"prompt": "a red square ### blue", "params": {"n": 2, "steps": 3, "width": 192, "height": 128,
                                                       "seed": "77", "sampler_name": "k_euler"}},
-        {"prompt": "an unsupported img2img", "source_image": base64.b64encode(png.getvalue()).decode(),
-         "params": {"n": 1, "steps": 3, "width": 128, "height": 128}},
+        {"prompt": "post-processing is not offered yet", "params": {"n": 1, "steps": 3, "width": 128, "height": 128,
+                                                                   "post_processing": ["GFPGAN"]}},
         {"prompt": "a castle", "models": ["horde-worker-tiny-sdxl"], "params": {"steps": 3, "width": 128, "height": 128}},
         {"prompt": "a fox ### sea", "models": ["horde-worker-tiny-flux"],
          "params": {"steps": 3, "width": 128, "height": 128, "sampler_name": "k_euler", "cfg_scale": 2.0}},
         {"prompt": "a lighthouse", "models": ["horde-worker-tiny-sd2"], "params": {"steps": 3, "width": 128, "height": 128}},
+        {"prompt": "a red door", "models": ["horde-worker-tiny-sd15-inpainting"], "source_processing": "inpainting",
+         "source_image": b64(red), "source_mask": b64(mask), "params": {"steps": 3, "width": 64, "height": 64}},
+        {"prompt": "a blue boat", "source_image": b64(red), "params": {"steps": 3, "width": 64, "height": 64,
+                                                                       "denoising_strength": 0.5}},
     ]))
     out = tmp_path / "out"
     result = run_bridge(tmp_path, model_cache, "--local", "--requests", str(requests_file), "--out", str(out),
                         "--name", "replayer")
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
-    assert len(results) == 5
+    assert len(results) == 7
     first = results[0]
     assert first["done"] and [g["seed"] for g in first["generations"]] == ["77", "78"]
     for gen in first["generations"]:
@@ -56,12 +67,18 @@ def test_local_requests_file_is_replayed_into_out(tmp_path, model_cache):
         assert gen["model"] == "horde-worker-tiny-sd15"
         with Image.open(out / gen["file"]) as image:
             assert image.format == "WEBP" and image.size == (192, 128)
-    # The worker tells the horde it does no img2img, so that request is never handed to it.
+    # The worker tells the horde it does no post-processing yet, so that request is never handed to it.
     assert results[1]["generations"] == [] and not results[1]["done"]
     # Every baseline has a tiny model in local mode.
-    for result, model in zip(results[2:], ["horde-worker-tiny-sdxl", "horde-worker-tiny-flux", "horde-worker-tiny-sd2"],
+    for result, model in zip(results[2:5], ["horde-worker-tiny-sdxl", "horde-worker-tiny-flux", "horde-worker-tiny-sd2"],
                              strict=True):
         assert result["done"] and [g["model"] for g in result["generations"]] == [model]
+    inpainted, img2img = results[5]["generations"][0], results[6]["generations"][0]
+    with Image.open(out / inpainted["file"]) as image:
+        pixels = np.asarray(image.convert("RGB"), dtype=int)
+    assert np.abs(pixels[:, 40:] - [255, 0, 0]).max() <= 8  # kept half: still red (lossy WebP aside)
+    assert np.abs(pixels[:, :28] - [255, 0, 0]).mean() > 20  # repainted half changed
+    assert img2img["state"] == "ok" and img2img["model"] == "horde-worker-tiny-sd15"
 
 
 def test_bad_requests_file_is_a_clear_error(tmp_path, model_cache):

@@ -29,8 +29,6 @@ MODEL_KEYS = frozenset({"models_to_load", "models_to_skip", "custom_models", "lo
 
 # Accepted for compatibility, not acted on yet: each says so at start when set.
 NOT_YET_HONOURED: dict[str, str] = {
-    "allow_img2img": "img2img is not supported yet; the worker tells the horde it does not take such jobs",
-    "allow_painting": "inpainting is not supported yet; the worker tells the horde it does not take such jobs",
     "allow_post_processing": "post-processing is not supported yet; the horde is told so",
     "allow_controlnet": "ControlNet is not supported yet; the horde is told so",
     "allow_sdxl_controlnet": "ControlNet is not supported yet; the horde is told so",

@@ -104,7 +104,7 @@ def _encode_chunks(text_encoder, tokenizer, chunks, layer: int | None, normalize
     else:
         hidden = output.hidden_states[layer]
         if normalize:
-            hidden = text_encoder.text_model.final_layer_norm(hidden)
+            hidden = getattr(text_encoder, "text_model", text_encoder).final_layer_norm(hidden)
     original_mean = hidden.mean(dim=(1, 2), keepdim=True)
     hidden = hidden * weights[..., None]
     hidden = hidden * (original_mean / hidden.mean(dim=(1, 2), keepdim=True))

@@ -82,7 +82,14 @@ def run_job(model, request: GenerateRequest, on_step: Callable[[int, int], None]
         if request.control_type:
             images = control.run(pass_, sources)
         elif sources.painting:
-            images = [sources_mod.composite(img, sources) for img in pass_.inpaint(sources)]
+            strength = request.denoising_strength or 1.0
+            images = [sources_mod.composite(img, sources) for img in pass_.inpaint(sources, strength)]
+        elif pass_.inpainting_model:
+            # An inpainting UNet always reads a mask: txt2img and img2img repaint everything.
+            size = (request.width, request.height)
+            base = sources.image or Image.new("RGB", size, (127, 127, 127))
+            strength = (request.denoising_strength or 0.75) if sources.image is not None else 1.0
+            images = pass_.inpaint(sources_mod.Sources(base, Image.new("L", size, 255)), strength)
         elif sources.image is not None:
             images = pass_.img2img(sources.image, request.denoising_strength or 0.75, request.steps)
         else:
@@ -195,16 +202,23 @@ class Pass:
         if not isinstance(images, list):
             images = [images] * len(self.request.seeds)
         pipeline = AutoPipelineForImage2Image.from_pipe(self.pipe)
+        pipeline.set_progress_bar_config(disable=True)
         return self.call(pipeline, img2img_steps(steps, strength), steps, image=images, strength=strength,
                          width=self.request.width, height=self.request.height)
 
-    def inpaint(self, sources: sources_mod.Sources) -> list[np.ndarray]:
+    @property
+    def inpainting_model(self) -> bool:
+        unet = getattr(self.pipe, "unet", None)
+        return unet is not None and unet.config.in_channels == 9
+
+    def inpaint(self, sources: sources_mod.Sources, strength: float) -> list[np.ndarray]:
         from diffusers import AutoPipelineForInpainting
 
         request = self.request
-        strength = min(1.0, max(0.01, request.denoising_strength or 1.0))
+        strength = min(1.0, max(0.01, strength))
         count = len(request.seeds)
         pipeline = AutoPipelineForInpainting.from_pipe(self.pipe)
+        pipeline.set_progress_bar_config(disable=True)
         return self.call(pipeline, img2img_steps(request.steps, strength), request.steps,
                          image=[sources.image] * count, mask_image=[sources.mask] * count, strength=strength,
                          width=request.width, height=request.height)

@@ -12,17 +12,19 @@ from pathlib import Path
 # The model name the local demo horde and its workers use for the tiny SD1.5-class model.
 DEMO_MODEL_NAME = "horde-worker-tiny-sd15"
 DEMO_MODEL_FILE = "horde-worker-tiny-sd15.safetensors"
+INPAINTING_MODEL_NAME = "horde-worker-tiny-sd15-inpainting"
 
 
-def tiny_sd15_components(seed: int = 0):
-    """Return (unet, vae, text_encoder) of SD1.5's architecture with tiny widths and random weights."""
+def tiny_sd15_components(seed: int = 0, inpainting: bool = False):
+    """Return (unet, vae, text_encoder) of SD1.5's architecture with tiny widths and random weights; an
+    inpainting UNet reads 9 channels (latents, mask, masked-image latents) as sd-v1-5-inpainting does."""
     import torch
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
         sample_size=64,
-        in_channels=4,
+        in_channels=9 if inpainting else 4,
         out_channels=4,
         layers_per_block=1,
         block_out_channels=(32, 64),
@@ -92,12 +94,12 @@ def tiny_sdxl_components(seed: int = 0):
             _tiny_text_tower("gelu", layers=2, projection=True))
 
 
-def write_tiny_checkpoint(path: Path, baseline: str, seed: int = 0) -> Path:
+def write_tiny_checkpoint(path: Path, baseline: str, seed: int = 0, inpainting: bool = False) -> Path:
     """A tiny single-file checkpoint of `baseline` (stable_diffusion_1, _2 or _xl) at `path`."""
     from horde_worker.inference import ldm_export
 
     if baseline == "stable_diffusion_1":
-        return ldm_export.save_sd_checkpoint(Path(path), *tiny_sd15_components(seed))
+        return ldm_export.save_sd_checkpoint(Path(path), *tiny_sd15_components(seed, inpainting))
     if baseline == "stable_diffusion_2":
         return ldm_export.save_sd2_checkpoint(Path(path), *tiny_sd2_components(seed))
     if baseline == "stable_diffusion_xl":
@@ -194,6 +196,7 @@ LOCAL_MODELS = {
     "horde-worker-tiny-sd2": ("horde-worker-tiny-sd2.safetensors", "stable_diffusion_2"),
     "horde-worker-tiny-sdxl": ("horde-worker-tiny-sdxl.safetensors", "stable_diffusion_xl"),
     "horde-worker-tiny-flux": ("horde-worker-tiny-flux.safetensors", "flux_1"),
+    INPAINTING_MODEL_NAME: (f"{INPAINTING_MODEL_NAME}.safetensors", "stable_diffusion_1"),
 }
 
 
@@ -205,7 +208,7 @@ def _write_local_models(folder: Path) -> None:
         if baseline == "flux_1":
             write_tiny_flux_checkpoint(path)
         else:
-            write_tiny_checkpoint(path, baseline)
+            write_tiny_checkpoint(path, baseline, inpainting="inpainting" in file_name)
 
 
 def ensure_local_models(models_dir: Path) -> dict[str, tuple[Path, str]]:

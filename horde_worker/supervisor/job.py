@@ -83,6 +83,10 @@ class Job:
     history: list[tuple[float, JobState]] = field(default_factory=list)
     started_at: float | None = None
     generated_at: float | None = None
+    # Fetched before the job queues; never journaled (a resumed job only needs its submit).
+    inputs: Any = None
+    loras: list[Any] = field(default_factory=list)
+    tis: list[Any] = field(default_factory=list)
 
     @property
     def id(self) -> str:

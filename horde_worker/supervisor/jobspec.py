@@ -7,7 +7,7 @@ import io
 import zlib
 from typing import Any
 
-from horde_worker.horde.wire import JobPayload, SubmitRequest, SubmitState
+from horde_worker.horde.wire import GenMetadata, GenMetadataType, GenMetadataValue, JobPayload, SubmitRequest, SubmitState
 from horde_worker.inference.messages import GenerateRequest
 from horde_worker.inference.samplers import sampler_refusal
 from horde_worker.models.catalog import ModelCatalog
@@ -39,17 +39,18 @@ def split_prompt(prompt: str) -> tuple[str, str]:
 
 def unsupported_reason(job: Job, catalog: ModelCatalog) -> str | None:
     """Why this worker cannot do the job faithfully, or None."""
-    pop, payload = job.pop, job.pop.payload
+    payload = job.pop.payload
     if not catalog.has(job.model):
         return f"model {job.model!r} is not served by this worker"
-    if pop.source_image:
-        return f"source images ({pop.source_processing}) are not supported yet"
-    refusal = sampler_refusal(payload.sampler_name, catalog.get(job.model).baseline)
+    baseline = catalog.get(job.model).baseline
+    if payload.tiling and baseline == "flux_1":
+        return "tiling is not available for Flux models"
+    refusal = sampler_refusal(payload.sampler_name, baseline)
     if refusal is not None:
         return refusal
     unsupported = [name for name, used in (
-        ("hires_fix", payload.hires_fix), ("tiling", payload.tiling), ("post_processing", payload.post_processing),
-        ("loras", payload.loras), ("tis", payload.tis), ("control_type", payload.control_type),
+        ("post_processing", payload.post_processing), ("loras", payload.loras), ("tis", payload.tis),
+        ("control_type", payload.control_type),
         ("transparent", payload.transparent), ("workflow", payload.workflow)) if used]
     if unsupported:
         return f"not supported yet: {', '.join(unsupported)}"
@@ -58,7 +59,7 @@ def unsupported_reason(job: Job, catalog: ModelCatalog) -> str | None:
 
 def generate_request(job: Job, catalog: ModelCatalog) -> GenerateRequest:
     """The message an inference process runs for this job."""
-    payload = job.pop.payload
+    payload, inputs = job.pop.payload, job.inputs
     model = catalog.get(job.model)
     positive, negative = split_prompt(payload.prompt)
     return GenerateRequest(
@@ -77,7 +78,26 @@ def generate_request(job: Job, catalog: ModelCatalog) -> GenerateRequest:
         seeds=list(job.seeds),
         clip_skip=max(1, payload.clip_skip),
         v_prediction=model.v_prediction,
+        tiling=payload.tiling,
+        hires_fix=payload.hires_fix,
+        hires_fix_denoising_strength=payload.hires_fix_denoising_strength,
+        source_image=inputs.source_image if inputs else None,
+        source_mask=inputs.source_mask if inputs else None,
+        source_processing=job.pop.source_processing or "img2img",
+        denoising_strength=payload.denoising_strength,
+        extra_images=list(inputs.extra_images) if inputs else [],
+        loras=list(job.loras),
+        tis=list(job.tis),
+        control_type=payload.control_type,
+        image_is_control=payload.image_is_control,
+        return_control_map=payload.return_control_map,
     )
+
+
+def notes_metadata(notes: list[tuple[str, str, str | None]]) -> list[GenMetadata]:
+    """gen_metadata entries from an inference process's (type, value, ref) notes."""
+    return [GenMetadata(type=GenMetadataType(kind), value=GenMetadataValue(value), ref=ref)
+            for kind, value, ref in notes]
 
 
 def encode_webp(image: Any, quality: int = 95) -> bytes:

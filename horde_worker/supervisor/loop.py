@@ -31,6 +31,7 @@ from horde_worker.inference.messages import (
 )
 from horde_worker.models.catalog import ModelCatalog
 from horde_worker.supervisor import jobspec
+from horde_worker.supervisor.inputs import fetch_inputs
 from horde_worker.supervisor.job import Job, JobState
 from horde_worker.supervisor.journal import Journal
 from horde_worker.supervisor.scheduler import Scheduler
@@ -176,7 +177,7 @@ class Supervisor:
             name=s.dreamer_name, models=self.catalog.names(), bridge_agent=BRIDGE_AGENT,
             threads=len(self.slot_specs), amount=s.max_batch, max_pixels=s.max_pixels, nsfw=s.nsfw,
             blacklist=s.blacklist, priority_usernames=s.priority_usernames,
-            allow_img2img=False, allow_painting=False, allow_unsafe_ipaddr=s.allow_unsafe_ip,
+            allow_img2img=s.allow_img2img, allow_painting=s.allow_painting, allow_unsafe_ipaddr=s.allow_unsafe_ip,
             allow_post_processing=False, allow_controlnet=False, allow_sdxl_controlnet=False, allow_lora=False,
             extra_slow_worker=s.extra_slow_worker, limit_max_steps=s.limit_max_steps,
             require_upfront_kudos=s.require_upfront_kudos,
@@ -248,6 +249,9 @@ class Supervisor:
     async def _prepare(self, job: Job) -> None:
         job.seeds = jobspec.seeds_for(job.pop.payload, len(job.ids))
         reason = jobspec.unsupported_reason(job, self.catalog)
+        if reason is None:
+            job.inputs = await asyncio.to_thread(fetch_inputs, self.client, job.pop)
+            job.gen_metadata.extend(job.inputs.notes)
         if reason is not None:
             logger.error("job {} cannot be done: {}", job.id, reason)
             job.advance(JobState.FAULTED, reason)
@@ -311,6 +315,7 @@ class Supervisor:
             job = self.jobs.get(message.job_id)
             if job is not None and job.state is JobState.RUNNING:
                 job.images = list(message.images)
+                job.gen_metadata.extend(jobspec.notes_metadata(message.notes))
                 job.advance(JobState.GENERATED)
                 self.stats.job_generated(job.megapixelsteps, message.load_seconds + message.sample_seconds)
                 if message.load_source != "resident":
