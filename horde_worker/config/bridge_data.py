@@ -11,6 +11,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from horde_worker.models.civitai import DEFAULT_CIVITAI_URL
 from horde_worker.models.reference import DEFAULT_REFERENCE_URL
 
 ANONYMOUS_KEY = "0000000000"
@@ -32,12 +33,10 @@ NOT_YET_HONOURED: dict[str, str] = {
     "allow_post_processing": "post-processing is not supported yet; the horde is told so",
     "allow_controlnet": "ControlNet is not supported yet; the horde is told so",
     "allow_sdxl_controlnet": "ControlNet is not supported yet; the horde is told so",
-    "allow_lora": "LoRA is not supported yet; the horde is told so",
     "censor_nsfw": "the safety checker is not built yet",
     "censorlist": "the safety checker is not built yet",
     "safety_on_gpu": "the safety checker is not built yet",
-    "max_lora_cache_size": "LoRA is not supported yet",
-    "purge_loras_on_download": "LoRA is not supported yet",
+    "purge_loras_on_download": "the LoRA cache is trimmed by max_lora_cache_size (least recently used first)",
     "high_memory_mode": "memory modes are not built yet",
     "high_performance_mode": "performance modes are not built yet",
     "moderate_performance_mode": "performance modes are not built yet",
@@ -110,6 +109,8 @@ class BridgeData(BaseModel):
     priority_usernames: list[str] = Field(default_factory=list)
 
     civitai_api_token: str = ""
+    # Where LoRAs and textual inversions are looked up (CivitAI's public API).
+    civitai_api_url: str = DEFAULT_CIVITAI_URL
     max_lora_cache_size: int = Field(10, ge=1)
     purge_loras_on_download: bool = False
 

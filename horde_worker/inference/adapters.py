@@ -93,9 +93,11 @@ def _single_vectors(state_dict):
 def _unload_tis(pipe, tis: list[AdapterFile]) -> None:
     for ti in tis:
         for _key, text_encoder, tokenizer in _ti_targets(pipe):
-            if ti.token in tokenizer.get_vocab():
+            # A TI of n vectors added `token`, `token_1` ... `token_{n-1}`.
+            tokens = [t for t in tokenizer.get_vocab() if t == ti.token or t.startswith(ti.token + "_")]
+            if tokens:
                 with contextlib.suppress(Exception):
-                    pipe.unload_textual_inversion(ti.token, tokenizer=tokenizer, text_encoder=text_encoder)
+                    pipe.unload_textual_inversion(tokens, tokenizer=tokenizer, text_encoder=text_encoder)
 
 
 def inject(prompts: list[str], negatives: list[str], loras: list[AdapterFile],
@@ -106,7 +108,8 @@ def inject(prompts: list[str], negatives: list[str], loras: list[AdapterFile],
         if lora.inject:
             prompts = [f"{p}, {lora.inject}" if p else lora.inject for p in prompts]
     for ti in tis:
-        pattern = re.compile(rf"embedding:{re.escape(ti.name)}\b", re.IGNORECASE)
+        names = "|".join(re.escape(n) for n in (ti.name, *ti.aliases) if n)
+        pattern = re.compile(rf"embedding:(?:{names})(?![\w.-])", re.IGNORECASE)
         prompts = [pattern.sub(ti.token, p) for p in prompts]
         negatives = [pattern.sub(ti.token, n) for n in negatives]
         weighted = f"({ti.token}:{ti.clip_strength:g})"

@@ -74,6 +74,8 @@ class AdapterFile:
     # Text to add to the prompt (LoRA triggers) or where a TI goes ("prompt" / "negprompt" / None).
     inject: str | None = None
     token: str = ""
+    # Other names a prompt may use for a TI, written `embedding:NAME`.
+    aliases: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""A popped job's inputs, fetched before it queues: source image, mask and extra images.
+"""A popped job's inputs, fetched before it queues: source image, mask, extra images, LoRAs, TIs.
 
 Runs in the supervisor (threads, no torch). Each image comes from a presigned URL or as
 base64; both are capped in bytes, and in pixels before the pixels are decoded. An input that
@@ -12,11 +12,14 @@ import base64
 import binascii
 import io
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from loguru import logger
 
 from horde_worker.horde.client import HordeClient, HordeError, HordeUnreachable, RetryPolicy
 from horde_worker.horde.wire import GenMetadata, GenMetadataType, GenMetadataValue, PopResponse
+from horde_worker.inference.messages import AdapterFile
+from horde_worker.models.civitai import AdapterCache, AdapterUnavailable, pick_trigger
 
 MAX_SOURCE_BYTES = 20 << 20
 MAX_SOURCE_PIXELS = 4096 * 4096
@@ -97,3 +100,45 @@ def fetch_inputs(client: HordeClient, pop: PopResponse) -> JobInputs:
         if data is not None:
             inputs.extra_images.append((data, extra.strength))
     return inputs
+
+
+@dataclass
+class AdapterCaches:
+    """The LoRA and TI caches of a worker."""
+
+    loras: AdapterCache
+    tis: AdapterCache
+
+    @classmethod
+    def from_settings(cls, cache_home: str, max_gb: int, api_url: str, token: str) -> AdapterCaches:
+        root = Path(cache_home)
+        return cls(loras=AdapterCache("lora", root / "lora", max_gb << 30, api_url=api_url, token=token),
+                   tis=AdapterCache("ti", root / "ti", max(1, max_gb) << 28, api_url=api_url, token=token))
+
+
+def fetch_adapters(caches: AdapterCaches, pop: PopResponse, baseline: str,
+                   notes: list[GenMetadata]) -> tuple[list[AdapterFile], list[AdapterFile]]:
+    """The job's LoRAs and TIs on disk; each one that cannot be had is noted and left out."""
+    payload = pop.payload
+    loras: list[AdapterFile] = []
+    for spec in payload.loras:
+        try:
+            path, version = caches.loras.fetch(spec.name, spec.is_version, baseline)
+        except AdapterUnavailable as exc:
+            logger.warning("LoRA {} left out: {}", spec.name, exc)
+            notes.append(GenMetadata(type=GenMetadataType.LORA, value=GenMetadataValue(exc.value), ref=spec.name[:255]))
+            continue
+        loras.append(AdapterFile(name=spec.name, path=str(path), model_strength=spec.model, clip_strength=spec.clip,
+                                 inject=pick_trigger(version, spec.inject_trigger)))
+    tis: list[AdapterFile] = []
+    for ti in payload.tis:
+        try:
+            path, version = caches.tis.fetch(ti.name, False, baseline)
+        except AdapterUnavailable as exc:
+            logger.warning("textual inversion {} left out: {}", ti.name, exc)
+            notes.append(GenMetadata(type=GenMetadataType.TI, value=GenMetadataValue(exc.value), ref=ti.name[:255]))
+            continue
+        tis.append(AdapterFile(name=ti.name, path=str(path), clip_strength=ti.strength, inject=ti.inject_ti,
+                               token=f"<ti{version.version_id}>",
+                               aliases=(version.model_name, Path(version.file_name).stem)))
+    return loras, tis

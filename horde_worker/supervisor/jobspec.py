@@ -49,8 +49,7 @@ def unsupported_reason(job: Job, catalog: ModelCatalog) -> str | None:
     if refusal is not None:
         return refusal
     unsupported = [name for name, used in (
-        ("post_processing", payload.post_processing), ("loras", payload.loras), ("tis", payload.tis),
-        ("control_type", payload.control_type),
+        ("post_processing", payload.post_processing), ("control_type", payload.control_type),
         ("transparent", payload.transparent), ("workflow", payload.workflow)) if used]
     if unsupported:
         return f"not supported yet: {', '.join(unsupported)}"

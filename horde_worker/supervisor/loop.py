@@ -31,7 +31,7 @@ from horde_worker.inference.messages import (
 )
 from horde_worker.models.catalog import ModelCatalog
 from horde_worker.supervisor import jobspec
-from horde_worker.supervisor.inputs import fetch_inputs
+from horde_worker.supervisor.inputs import AdapterCaches, fetch_adapters, fetch_inputs
 from horde_worker.supervisor.job import Job, JobState
 from horde_worker.supervisor.journal import Journal
 from horde_worker.supervisor.scheduler import Scheduler
@@ -79,6 +79,8 @@ class Supervisor:
         self._tasks: set[asyncio.Task] = set()
         self._seen_messages: set[str] = set()
         self.pool: SlotPool | None = None
+        self.adapter_caches = AdapterCaches.from_settings(settings.cache_home, settings.max_lora_cache_size,
+                                                          settings.civitai_api_url, settings.civitai_api_token)
 
     # --- life cycle ------------------------------------------------------------------------
 
@@ -178,7 +180,7 @@ class Supervisor:
             threads=len(self.slot_specs), amount=s.max_batch, max_pixels=s.max_pixels, nsfw=s.nsfw,
             blacklist=s.blacklist, priority_usernames=s.priority_usernames,
             allow_img2img=s.allow_img2img, allow_painting=s.allow_painting, allow_unsafe_ipaddr=s.allow_unsafe_ip,
-            allow_post_processing=False, allow_controlnet=False, allow_sdxl_controlnet=False, allow_lora=False,
+            allow_post_processing=False, allow_controlnet=False, allow_sdxl_controlnet=False, allow_lora=s.allow_lora,
             extra_slow_worker=s.extra_slow_worker, limit_max_steps=s.limit_max_steps,
             require_upfront_kudos=s.require_upfront_kudos,
         )
@@ -252,6 +254,10 @@ class Supervisor:
         if reason is None:
             job.inputs = await asyncio.to_thread(fetch_inputs, self.client, job.pop)
             job.gen_metadata.extend(job.inputs.notes)
+            if job.pop.payload.loras or job.pop.payload.tis:
+                job.loras, job.tis = await asyncio.to_thread(
+                    fetch_adapters, self.adapter_caches, job.pop, self.catalog.get(job.model).baseline,
+                    job.gen_metadata)
         if reason is not None:
             logger.error("job {} cannot be done: {}", job.id, reason)
             job.advance(JobState.FAULTED, reason)
