@@ -55,8 +55,10 @@ def run_local(settings: BridgeData, args, devices: list[str], console) -> int:
     else:
         bodies = []
     horde = LocalHorde(list(local_models), flux_models={n for n, (_, b) in local_models.items() if b == "flux_1"}).start()
+    civitai = local_civitai(Path(settings.cache_home)).start()
     settings = settings.model_copy(update={
-        "horde_url": horde.url, "api_key": horde.api_key,
+        "horde_url": horde.url, "api_key": horde.api_key, "civitai_api_url": civitai.url,
+        "allow_lora": True,
         "dreamer_name": args.name or LOCAL_NAME_DEFAULT,
     })
     request_ids = []
@@ -92,7 +94,22 @@ def run_local(settings: BridgeData, args, devices: list[str], console) -> int:
     finally:
         stop_feeding.set()
         horde.stop()
+        civitai.stop()
     return code
+
+
+def local_civitai(cache_home: Path):
+    """A loopback CivitAI serving the tiny LoRAs and TIs of local mode (ids 1-5, see the README)."""
+    from horde_worker.inference.tiny import LOCAL_ADAPTER_DIR
+    from horde_worker.inference.tiny_adapters import LOCAL_ADAPTERS
+    from horde_worker.localhorde.civitai import CivitaiModel, LocalCivitai
+
+    folder = cache_home / "compvis" / LOCAL_ADAPTER_DIR
+    return LocalCivitai([
+        CivitaiModel(model_id=model_id, version_id=model_id * 100, name=name, kind=kind, base_model=base,
+                     data=(folder / file_name).read_bytes(), trained_words=list(words), file_name=file_name)
+        for model_id, (name, kind, base, file_name, words) in LOCAL_ADAPTERS.items()
+    ])
 
 
 def collect_results(horde, request_ids: list[str], out_dir: Path) -> None:

@@ -53,13 +53,16 @@ def test_local_requests_file_is_replayed_into_out(tmp_path, model_cache):
          "source_image": b64(red), "source_mask": b64(mask), "params": {"steps": 3, "width": 64, "height": 64}},
         {"prompt": "a blue boat", "source_image": b64(red), "params": {"steps": 3, "width": 64, "height": 64,
                                                                        "denoising_strength": 0.5}},
+        {"prompt": "a knight", "params": {"steps": 3, "width": 64, "height": 64, "seed": "3",
+                                          "loras": [{"name": "1", "inject_trigger": "any"}, {"name": "999"}],
+                                          "tis": [{"name": "horde-worker-tiny-ti-sd15", "inject_ti": "negprompt"}]}},
     ]))
     out = tmp_path / "out"
     result = run_bridge(tmp_path, model_cache, "--local", "--requests", str(requests_file), "--out", str(out),
                         "--name", "replayer")
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
-    assert len(results) == 7
+    assert len(results) == 8
     first = results[0]
     assert first["done"] and [g["seed"] for g in first["generations"]] == ["77", "78"]
     for gen in first["generations"]:
@@ -79,6 +82,9 @@ def test_local_requests_file_is_replayed_into_out(tmp_path, model_cache):
     assert np.abs(pixels[:, 40:] - [255, 0, 0]).max() <= 8  # kept half: still red (lossy WebP aside)
     assert np.abs(pixels[:, :28] - [255, 0, 0]).mean() > 20  # repainted half changed
     assert img2img["state"] == "ok" and img2img["model"] == "horde-worker-tiny-sd15"
+    knight = results[7]["generations"][0]
+    assert knight["state"] == "ok"
+    assert knight["gen_metadata"] == [{"type": "lora", "value": "download_failed", "ref": "999"}]
 
 
 def test_bad_requests_file_is_a_clear_error(tmp_path, model_cache):

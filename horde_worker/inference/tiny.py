@@ -200,7 +200,13 @@ LOCAL_MODELS = {
 }
 
 
+LOCAL_ADAPTER_DIR = "local-adapters"
+
+
 def _write_local_models(folder: Path) -> None:
+    from horde_worker.inference.tiny_adapters import write_local_adapters
+
+    write_local_adapters(folder / LOCAL_ADAPTER_DIR)
     for file_name, baseline in LOCAL_MODELS.values():
         path = folder / file_name
         if path.exists():
@@ -215,6 +221,9 @@ def ensure_local_models(models_dir: Path) -> dict[str, tuple[Path, str]]:
     """Every local-mode model's (file, baseline), created on first use."""
     folder = Path(models_dir) / "compvis"
     folder.mkdir(parents=True, exist_ok=True)
-    if not all((folder / f).exists() for f, _ in LOCAL_MODELS.values()):
+    from horde_worker.inference.tiny_adapters import LOCAL_ADAPTERS
+
+    adapters = [folder / LOCAL_ADAPTER_DIR / entry[3] for entry in LOCAL_ADAPTERS.values()]
+    if not all((folder / f).exists() for f, _ in LOCAL_MODELS.values()) or not all(p.exists() for p in adapters):
         _create_in_child(_write_local_models, folder, "the local models")
     return {name: (folder / file_name, baseline) for name, (file_name, baseline) in LOCAL_MODELS.items()}

@@ -77,3 +77,28 @@ def write_tiny_ti(path: Path, widths: dict[str, int] | int, vectors: int = 2, se
         tensors = {key: torch.randn(vectors, width, generator=generator) for key, width in widths.items()}
     save_file(tensors, str(path))
     return Path(path)
+
+
+# Local mode's CivitAI entries: model id -> (name, CivitAI type, CivitAI baseModel, file name, trained words).
+LOCAL_ADAPTERS = {
+    1: ("horde-worker-tiny-lora-sd15", "LORA", "SD 1.5", "tiny-lora-sd15.safetensors", ["tinytrigger"]),
+    2: ("horde-worker-tiny-lora-sdxl", "LORA", "SDXL 1.0", "tiny-lora-sdxl.safetensors", []),
+    3: ("horde-worker-tiny-lora-flux", "LORA", "Flux.1 S", "tiny-lora-flux.safetensors", []),
+    4: ("horde-worker-tiny-ti-sd15", "TextualInversion", "SD 1.5", "tiny-ti-sd15.safetensors", []),
+    5: ("horde-worker-tiny-ti-sdxl", "TextualInversion", "SDXL 1.0", "tiny-ti-sdxl.safetensors", []),
+}
+
+
+def write_local_adapters(folder: Path) -> None:
+    """The files of `LOCAL_ADAPTERS`, fitting the tiny models of local mode."""
+    from horde_worker.inference.tiny import tiny_flux_components, tiny_sd15_components, tiny_sdxl_components
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    unet, _vae, text_encoder = tiny_sd15_components()
+    write_tiny_lora(folder / LOCAL_ADAPTERS[1][3], unet, [text_encoder], seed=1)
+    xl_unet, _xl_vae, xl_te, xl_te2 = tiny_sdxl_components()
+    write_tiny_lora(folder / LOCAL_ADAPTERS[2][3], xl_unet, [xl_te, xl_te2], seed=2)
+    write_tiny_flux_lora(folder / LOCAL_ADAPTERS[3][3], tiny_flux_components()[0], seed=3)
+    write_tiny_ti(folder / LOCAL_ADAPTERS[4][3], 64, seed=4)
+    write_tiny_ti(folder / LOCAL_ADAPTERS[5][3], {"clip_l": 64, "clip_g": 64}, seed=5)
