@@ -43,7 +43,11 @@ def run_local(settings: BridgeData, args, devices: list[str], console) -> int:
                    "it, copy bridgeData_template.yaml to bridgeData.yaml, set api_key and dreamer_name, and start "
                    "without --local.", DEMO_MODEL_NAME)
     local_models = ensure_local_models(Path(settings.cache_home))
-    catalog = ModelCatalog([ServedModel(name, path, baseline) for name, (path, baseline) in local_models.items()])
+    from horde_worker.models.controlnets import plan_control, ready_setup
+
+    control, _missing = plan_control(Path(settings.cache_home), {"stable_diffusion_1"})
+    catalog = ModelCatalog([ServedModel(name, path, baseline) for name, (path, baseline) in local_models.items()],
+                           ready_setup(control))
     if args.requests:
         try:
             bodies = load_request_file(args.requests, DEMO_MODEL_NAME)
@@ -58,7 +62,7 @@ def run_local(settings: BridgeData, args, devices: list[str], console) -> int:
     civitai = local_civitai(Path(settings.cache_home)).start()
     settings = settings.model_copy(update={
         "horde_url": horde.url, "api_key": horde.api_key, "civitai_api_url": civitai.url,
-        "allow_lora": True,
+        "allow_lora": True, "allow_controlnet": True,
         "dreamer_name": args.name or LOCAL_NAME_DEFAULT,
     })
     request_ids = []

@@ -74,6 +74,8 @@ def test_lora_strengths_and_removal(sd1, files):
     both = run_job(sd1, request(loras=[lora(files["sd1"]), lora(files["sd1b"], name="456")]))
     assert diff(both, full) > 1
     assert diff(base, run_job(sd1, request())) == 0  # nothing stays behind after the job
+    for module in (sd1.pipeline.unet, sd1.pipeline.text_encoder):  # not even peft's wrappers
+        assert not [k for k in module.state_dict() if "lora" in k or "base_layer" in k]
 
 
 def test_lora_of_another_baseline_is_reported_and_left_out(sd1, files):

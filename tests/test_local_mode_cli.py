@@ -39,6 +39,8 @@ def test_local_requests_file_is_replayed_into_out(tmp_path, model_cache):
     red = Image.new("RGB", (64, 64), "red")
     mask = Image.new("L", (64, 64), 0)
     mask.paste(255, (0, 0, 32, 64))  # repaint the left half
+    house = Image.new("RGB", (64, 64), "white")
+    house.paste((0, 0, 0), (16, 16, 48, 48))
     requests_file = tmp_path / "requests.json"
     requests_file.write_text(json.dumps([
         {"prompt": "a red square ### blue", "params": {"n": 2, "steps": 3, "width": 192, "height": 128,
@@ -56,13 +58,18 @@ def test_local_requests_file_is_replayed_into_out(tmp_path, model_cache):
         {"prompt": "a knight", "params": {"steps": 3, "width": 64, "height": 64, "seed": "3",
                                           "loras": [{"name": "1", "inject_trigger": "any"}, {"name": "999"}],
                                           "tis": [{"name": "horde-worker-tiny-ti-sd15", "inject_ti": "negprompt"}]}},
+        {"prompt": "a house", "source_image": b64(house), "params": {"steps": 3, "width": 64, "height": 64,
+                                                                     "control_type": "canny",
+                                                                     "return_control_map": True}},
+        {"prompt": "a house", "source_image": b64(house), "params": {"steps": 3, "width": 64, "height": 64,
+                                                                     "control_type": "hed"}},
     ]))
     out = tmp_path / "out"
     result = run_bridge(tmp_path, model_cache, "--local", "--requests", str(requests_file), "--out", str(out),
                         "--name", "replayer")
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
-    assert len(results) == 8
+    assert len(results) == 10, result.stderr[-3000:]
     first = results[0]
     assert first["done"] and [g["seed"] for g in first["generations"]] == ["77", "78"]
     for gen in first["generations"]:
@@ -85,6 +92,11 @@ def test_local_requests_file_is_replayed_into_out(tmp_path, model_cache):
     knight = results[7]["generations"][0]
     assert knight["state"] == "ok"
     assert knight["gen_metadata"] == [{"type": "lora", "value": "download_failed", "ref": "999"}]
+    assert results[8]["generations"], result.stderr[-5000:]
+    with Image.open(out / results[8]["generations"][0]["file"]) as image:
+        edges = np.asarray(image.convert("L"), dtype=int)
+    assert edges[32, 32] < 60 and edges[16:48, 14:18].max() > 150  # Canny: dark inside, bright at the square's edge
+    assert results[9]["done"] and results[9]["generations"][0]["state"] == "ok", (results[9], result.stderr[-3000:])
 
 
 def test_bad_requests_file_is_a_clear_error(tmp_path, model_cache):

@@ -26,13 +26,13 @@ LIVE_KEYS = frozenset({
     "models_to_load", "models_to_skip", "custom_models", "load_large_models",
 })
 # Live keys that change which models are served: new ones are downloaded, then advertised.
-MODEL_KEYS = frozenset({"models_to_load", "models_to_skip", "custom_models", "load_large_models"})
+MODEL_KEYS = frozenset({"models_to_load", "models_to_skip", "custom_models", "load_large_models", "allow_controlnet"})
 
 # Accepted for compatibility, not acted on yet: each says so at start when set.
 NOT_YET_HONOURED: dict[str, str] = {
     "allow_post_processing": "post-processing is not supported yet; the horde is told so",
-    "allow_controlnet": "ControlNet is not supported yet; the horde is told so",
-    "allow_sdxl_controlnet": "ControlNet is not supported yet; the horde is told so",
+    "allow_sdxl_controlnet": "the horde's reference has no SDXL ControlNet for the nine control types; the horde "
+                             "is told this worker does no SDXL ControlNet",
     "censor_nsfw": "the safety checker is not built yet",
     "censorlist": "the safety checker is not built yet",
     "safety_on_gpu": "the safety checker is not built yet",

@@ -143,5 +143,6 @@ def applied(model, request: GenerateRequest, notes: list[Note]) -> Iterator[tupl
         yield prompts, negatives
     finally:
         if lora_names:
-            pipe.delete_adapters(lora_names)
+            # Unloading (not just deleting the adapters) gives the layers back their original modules.
+            pipe.unload_lora_weights()
         _unload_tis(pipe, tis)

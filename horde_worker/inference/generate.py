@@ -76,6 +76,11 @@ def run_job(model, request: GenerateRequest, on_step: Callable[[int, int], None]
     if refusal is not None:
         raise UnsupportedSampler(refusal)
     notes: list[tuple[str, str, str | None]] = []
+    if request.control_type and not request.return_control_map:
+        if model.baseline not in ("stable_diffusion_1", "stable_diffusion_2") or not request.control_model_path:
+            raise UnsupportedJob(f"no ControlNet for {request.control_type} on {model.baseline} models")
+        # Built from the UNet before any LoRA wraps its layers.
+        control.load_controlnet(model, request.control_model_path)
     with adapters.applied(model, request, notes) as (prompts, negatives), tiled(model.pipeline, request.tiling):
         sources = sources_mod.load_sources(request)
         pass_ = Pass(model, request, prompts, negatives, on_step)

@@ -38,40 +38,79 @@ def _rename_resnet(rest: str) -> str:
     return f"{_UNET_RESNET.get(head, head)}.{tail}"
 
 
+def _ldm_unet_name(key: str, per_level: int, has_attention: list[bool]) -> str | None:
+    """LDM's name (without prefix) of a diffusers UNet tensor, or None when it has none."""
+    parts = key.split(".")
+    for diffusers_name, ldm_name in _UNET_TOP.items():
+        if key.startswith(diffusers_name + "."):
+            return ldm_name + key[len(diffusers_name) :]
+    if parts[0] == "down_blocks":
+        level, kind, index, rest = int(parts[1]), parts[2], int(parts[3]), ".".join(parts[4:])
+        if kind == "resnets":
+            return f"input_blocks.{level * per_level + index + 1}.0.{_rename_resnet(rest)}"
+        if kind == "attentions":
+            return f"input_blocks.{level * per_level + index + 1}.1.{rest}"
+        if kind == "downsamplers":
+            return f"input_blocks.{(level + 1) * per_level}.0.op.{rest.removeprefix('conv.')}"
+    elif parts[0] == "mid_block":
+        kind, index, rest = parts[1], int(parts[2]), ".".join(parts[3:])
+        return f"middle_block.{2 * index}.{_rename_resnet(rest)}" if kind == "resnets" else f"middle_block.1.{rest}"
+    elif parts[0] == "up_blocks":
+        level, kind, index, rest = int(parts[1]), parts[2], int(parts[3]), ".".join(parts[4:])
+        if kind == "resnets":
+            return f"output_blocks.{level * per_level + index}.0.{_rename_resnet(rest)}"
+        if kind == "attentions":
+            return f"output_blocks.{level * per_level + index}.1.{rest}"
+        if kind == "upsamplers":
+            slot = 2 if has_attention[level] else 1
+            return f"output_blocks.{level * per_level + per_level - 1}.{slot}.{rest}"
+    return None
+
+
 def unet_to_ldm(unet) -> dict[str, torch.Tensor]:
     """Map a diffusers UNet2DConditionModel's state dict onto LDM's `model.diffusion_model.*` names."""
     per_level = unet.config.layers_per_block + 1
     has_attention = ["CrossAttn" in t for t in unet.config.up_block_types]
     out: dict[str, torch.Tensor] = {}
     for key, tensor in unet.state_dict().items():
-        parts = key.split(".")
-        new = None
-        for diffusers_name, ldm_name in _UNET_TOP.items():
-            if key.startswith(diffusers_name + "."):
-                new = ldm_name + key[len(diffusers_name) :]
-        if new is None and parts[0] == "down_blocks":
-            level, kind, index, rest = int(parts[1]), parts[2], int(parts[3]), ".".join(parts[4:])
-            if kind == "resnets":
-                new = f"input_blocks.{level * per_level + index + 1}.0.{_rename_resnet(rest)}"
-            elif kind == "attentions":
-                new = f"input_blocks.{level * per_level + index + 1}.1.{rest}"
-            elif kind == "downsamplers":
-                new = f"input_blocks.{(level + 1) * per_level}.0.op.{rest.removeprefix('conv.')}"
-        elif new is None and parts[0] == "mid_block":
-            kind, index, rest = parts[1], int(parts[2]), ".".join(parts[3:])
-            new = f"middle_block.{2 * index}.{_rename_resnet(rest)}" if kind == "resnets" else f"middle_block.1.{rest}"
-        elif new is None and parts[0] == "up_blocks":
-            level, kind, index, rest = int(parts[1]), parts[2], int(parts[3]), ".".join(parts[4:])
-            if kind == "resnets":
-                new = f"output_blocks.{level * per_level + index}.0.{_rename_resnet(rest)}"
-            elif kind == "attentions":
-                new = f"output_blocks.{level * per_level + index}.1.{rest}"
-            elif kind == "upsamplers":
-                slot = 2 if has_attention[level] else 1
-                new = f"output_blocks.{level * per_level + per_level - 1}.{slot}.{rest}"
+        new = _ldm_unet_name(key, per_level, has_attention)
         if new is None:
             raise ValueError(f"no LDM name known for UNet tensor {key}")
         out[UNET_PREFIX + new] = tensor
+    return out
+
+
+def controlnet_to_ldm(controlnet, base_unet=None) -> dict[str, torch.Tensor]:
+    """A diffusers ControlNetModel as an LDM `control_model.*` file. With `base_unet`, the parts the
+    ControlNet shares with a UNet are stored as differences from it, with the `difference` marker,
+    as the horde's `diff_control_*` files are."""
+    per_level = controlnet.config.layers_per_block + 1
+    base = base_unet.state_dict() if base_unet is not None else {}
+    hint_blocks = 2 * (len(controlnet.config.conditioning_embedding_out_channels) - 1)
+    out: dict[str, torch.Tensor] = {}
+    for key, tensor in controlnet.state_dict().items():
+        parts = key.split(".")
+        if key.startswith("controlnet_cond_embedding."):
+            if parts[1] == "conv_in":
+                index = 0
+            elif parts[1] == "conv_out":
+                index = 2 * hint_blocks + 2
+            else:
+                index = 2 * (int(parts[2]) + 1)
+            new = f"input_hint_block.{index}.{parts[-1]}"
+        elif parts[0] == "controlnet_down_blocks":
+            new = f"zero_convs.{parts[1]}.0.{parts[-1]}"
+        elif parts[0] == "controlnet_mid_block":
+            new = f"middle_block_out.0.{parts[-1]}"
+        else:
+            new = _ldm_unet_name(key, per_level, [])
+            if new is None:
+                raise ValueError(f"no LDM name known for ControlNet tensor {key}")
+            if key in base:
+                tensor = tensor - base[key]
+        out["control_model." + new] = tensor
+    if base_unet is not None:
+        out["difference"] = torch.tensor([0.0])
     return out
 
 

@@ -6,7 +6,7 @@ A job's run through a loaded pipeline is `inference/generate.py`.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +41,8 @@ class LoadedModel:
     load_seconds: float
     # The training noise schedule; every job's sampler starts from it, not from the last job's.
     scheduler_config: dict[str, Any]
+    # ControlNets built for this model's UNet, by file path (see inference/control.py).
+    controlnets: dict[str, Any] = field(default_factory=dict)
 
 
 def load_pipeline(path: Path, device: torch.device, dtype: torch.dtype, name: str = "",

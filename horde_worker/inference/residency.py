@@ -37,6 +37,7 @@ def pipeline_bytes(model: LoadedModel) -> int:
 def move(model: LoadedModel, device: torch.device | str) -> None:
     """Move every module of the pipeline (module by module: the pipeline-level move warns about fp16 on a CPU,
     which is only where the weights wait, never where they run)."""
+    model.controlnets.clear()  # built again from the UNet where it is needed next
     for component in model.pipeline.components.values():
         if isinstance(component, torch.nn.Module):
             component.to(device)

@@ -201,12 +201,25 @@ LOCAL_MODELS = {
 
 
 LOCAL_ADAPTER_DIR = "local-adapters"
+LOCAL_CONTROL_MARKER = ".local-mode-complete"
+
+
+def _write_local_control(folder: Path) -> None:
+    """ControlNets fitting the tiny SD1 model, and the annotators that have small weights."""
+    from horde_worker.inference.tiny_control import write_tiny_annotators, write_tiny_controlnets
+
+    if (folder / LOCAL_CONTROL_MARKER).exists():
+        return
+    write_tiny_controlnets(folder, tiny_sd15_components()[0])
+    write_tiny_annotators(folder / "annotators")
+    (folder / LOCAL_CONTROL_MARKER).write_text("tiny ControlNets and annotators of local mode\n")
 
 
 def _write_local_models(folder: Path) -> None:
     from horde_worker.inference.tiny_adapters import write_local_adapters
 
     write_local_adapters(folder / LOCAL_ADAPTER_DIR)
+    _write_local_control(folder.parent / "controlnet")
     for file_name, baseline in LOCAL_MODELS.values():
         path = folder / file_name
         if path.exists():
@@ -224,6 +237,8 @@ def ensure_local_models(models_dir: Path) -> dict[str, tuple[Path, str]]:
     from horde_worker.inference.tiny_adapters import LOCAL_ADAPTERS
 
     adapters = [folder / LOCAL_ADAPTER_DIR / entry[3] for entry in LOCAL_ADAPTERS.values()]
-    if not all((folder / f).exists() for f, _ in LOCAL_MODELS.values()) or not all(p.exists() for p in adapters):
+    control_done = folder.parent / "controlnet" / LOCAL_CONTROL_MARKER
+    if (not all((folder / f).exists() for f, _ in LOCAL_MODELS.values()) or not all(p.exists() for p in adapters)
+            or not control_done.exists()):
         _create_in_child(_write_local_models, folder, "the local models")
     return {name: (folder / file_name, baseline) for name, (file_name, baseline) in LOCAL_MODELS.items()}

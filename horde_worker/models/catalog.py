@@ -11,6 +11,7 @@ from pathlib import Path
 
 from horde_worker.inference.flux_files import T5_TOKENIZER_DIR, T5_TOKENIZER_URL
 from horde_worker.inference.tiny import DEMO_MODEL_NAME, ensure_demo_model
+from horde_worker.models.controlnets import ControlSetup
 from horde_worker.models.download import DownloadTask
 from horde_worker.models.reference import ModelEntry, ModelReference
 from horde_worker.models.resolve import resolve
@@ -35,8 +36,9 @@ class ServedModel:
 class ModelCatalog:
     """Name -> ServedModel, matched case-insensitively as the horde does."""
 
-    def __init__(self, models: list[ServedModel]) -> None:
+    def __init__(self, models: list[ServedModel], control: ControlSetup | None = None) -> None:
         self._models = {m.name.lower(): m for m in models}
+        self.control = control or ControlSetup()
 
     def has(self, name: str) -> bool:
         return name.lower() in self._models
@@ -49,6 +51,9 @@ class ModelCatalog:
 
     def __len__(self) -> int:
         return len(self._models)
+
+    def baselines(self) -> set[str]:
+        return {m.baseline for m in self._models.values()}
 
 
 @dataclass

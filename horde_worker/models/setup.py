@@ -8,6 +8,7 @@ from loguru import logger
 
 from horde_worker.config.bridge_data import BridgeData
 from horde_worker.models.catalog import CatalogPlan, ModelCatalog, ServedModel, plan_catalog
+from horde_worker.models.controlnets import CONTROL_BASELINES, ControlSetup, plan_control, ready_setup
 from horde_worker.models.download import DownloadError, download_all
 from horde_worker.models.reference import ModelReference, load_reference
 
@@ -63,4 +64,25 @@ def prepare_models(settings: BridgeData, show_progress: bool = True) -> tuple[Mo
             if all(task.dest.exists() for task in tasks):
                 ready.append(ServedModel(entry.name, checkpoint_path(entry, Path(settings.cache_home)), entry.baseline,
                                          entry.v_prediction))
-    return ModelCatalog(ready), notices
+    control = None
+    if settings.allow_controlnet:
+        control, control_notices = prepare_control(settings, {m.baseline for m in ready}, show_progress)
+        notices += control_notices
+    return ModelCatalog(ready, control), notices
+
+
+def prepare_control(settings: BridgeData, baselines: set[str], show_progress: bool) -> tuple[ControlSetup, list[str]]:
+    """ControlNet files for the served baselines and the annotators' weights, downloaded if missing."""
+    setup, tasks = plan_control(Path(settings.cache_home), baselines & set(CONTROL_BASELINES))
+    notices: list[str] = []
+    if tasks:
+        logger.info("allow_controlnet: downloading {} ControlNet/annotator file(s)", len(tasks))
+        try:
+            notices += download_all(tasks, token=settings.civitai_api_token or None, show_progress=show_progress)
+        except DownloadError as exc:
+            notices.append(str(exc))
+    ready = ready_setup(setup)
+    if not ready.available:
+        notices.append("allow_controlnet is on but no ControlNet file is available for the served models "
+                       "(ControlNets exist for SD1.5 and SD2 models): the horde is told this worker does no ControlNet")
+    return ready, notices

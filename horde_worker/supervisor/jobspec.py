@@ -46,10 +46,14 @@ def unsupported_reason(job: Job, catalog: ModelCatalog) -> str | None:
     if payload.tiling and baseline == "flux_1":
         return "tiling is not available for Flux models"
     refusal = sampler_refusal(payload.sampler_name, baseline)
+    if refusal is None and payload.control_type:
+        refusal = catalog.control.refusal(payload.control_type, baseline, payload.image_is_control)
+    if refusal is None and payload.control_type and not job.pop.source_image:
+        refusal = "a ControlNet job needs a source image"
     if refusal is not None:
         return refusal
     unsupported = [name for name, used in (
-        ("post_processing", payload.post_processing), ("control_type", payload.control_type),
+        ("post_processing", payload.post_processing),
         ("transparent", payload.transparent), ("workflow", payload.workflow)) if used]
     if unsupported:
         return f"not supported yet: {', '.join(unsupported)}"
@@ -88,9 +92,16 @@ def generate_request(job: Job, catalog: ModelCatalog) -> GenerateRequest:
         loras=list(job.loras),
         tis=list(job.tis),
         control_type=payload.control_type,
+        control_model_path=control_path(catalog, payload.control_type, model.baseline),
         image_is_control=payload.image_is_control,
         return_control_map=payload.return_control_map,
+        extra={"annotator_dir": str(catalog.control.annotator_dir or "")},
     )
+
+
+def control_path(catalog: ModelCatalog, control_type: str | None, baseline: str) -> str | None:
+    path = catalog.control.files.get((control_type or "", baseline))
+    return str(path) if path else None
 
 
 def notes_metadata(notes: list[tuple[str, str, str | None]]) -> list[GenMetadata]:

@@ -180,7 +180,8 @@ class Supervisor:
             threads=len(self.slot_specs), amount=s.max_batch, max_pixels=s.max_pixels, nsfw=s.nsfw,
             blacklist=s.blacklist, priority_usernames=s.priority_usernames,
             allow_img2img=s.allow_img2img, allow_painting=s.allow_painting, allow_unsafe_ipaddr=s.allow_unsafe_ip,
-            allow_post_processing=False, allow_controlnet=False, allow_sdxl_controlnet=False, allow_lora=s.allow_lora,
+            allow_post_processing=False, allow_controlnet=s.allow_controlnet and self.catalog.control.available,
+            allow_sdxl_controlnet=False, allow_lora=s.allow_lora,
             extra_slow_worker=s.extra_slow_worker, limit_max_steps=s.limit_max_steps,
             require_upfront_kudos=s.require_upfront_kudos,
         )
