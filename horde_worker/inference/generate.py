@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -72,9 +72,13 @@ def run_job(model, request: GenerateRequest, on_step: Callable[[int, int], None]
 
     if request.tiling and model.baseline == "flux_1":
         raise UnsupportedJob("tiling is not available for Flux models (no convolutions to wrap)")
-    refusal = sampler_refusal(request.sampler_name, model.baseline)
+    refusal = sampler_refusal(request.sampler_name, model.baseline, bool(request.source_image or request.hires_fix))
     if refusal is not None:
         raise UnsupportedSampler(refusal)
+    if request.sampler_name == "k_dpm_adaptive" and len(request.seeds) > 1:
+        # Its steps follow the error of what it samples: one image at a time keeps each seed's image its own.
+        outputs = [run_job(model, replace(request, seeds=[seed]), on_step) for seed in request.seeds]
+        return JobOutput([o.images[0] for o in outputs], [n for o in outputs for n in o.notes])
     notes: list[tuple[str, str, str | None]] = []
     if request.control_type and not request.return_control_map:
         if model.baseline not in ("stable_diffusion_1", "stable_diffusion_2") or not request.control_model_path:
@@ -169,7 +173,9 @@ class Pass:
         """Run one diffusers pipeline call with the job's sampler, conditioning and seeds."""
         request = self.request
 
-        def step_end(_pipe, step: int, _timestep, tensors: dict) -> dict:
+        def step_end(pipe, step: int, _timestep, tensors: dict) -> dict:
+            if getattr(pipe.scheduler, "finished", False):
+                pipe._interrupt = True  # an adaptive sampler reached the end before its step budget
             if self.on_step is not None:
                 self.on_step(min(step + 1, total_steps), total_steps)
             return tensors

@@ -38,18 +38,31 @@ SAMPLERS: dict[str, SamplerSpec] = {
         "DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}
     ),
     "k_dpmpp_sde": SamplerSpec("DPMSolverSDEScheduler"),
+    "k_dpmpp_2s_a": SamplerSpec("GeneratorScheduler", {"sampler": "k_dpmpp_2s_a"}),
+    # Their own schedules: uniform in log sigma (fast) or chosen by the error estimate (adaptive).
+    "k_dpm_fast": SamplerSpec("GeneratorScheduler", {"sampler": "k_dpm_fast"}, supports_karras=False),
+    "k_dpm_adaptive": SamplerSpec("GeneratorScheduler", {"sampler": "k_dpm_adaptive"}, supports_karras=False),
+    # The Stable Diffusion reference code's DPMSolverSampler: DPM-Solver++ multistep, order 2, with
+    # time-uniform steps (k_dpmpp_2m steps the trained schedule's own timesteps).
+    "dpmsolver": SamplerSpec("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2,
+                                                             "timestep_spacing": "linspace", "lower_order_final": True}),
     "DDIM": SamplerSpec("DDIMScheduler", supports_karras=False),
     "lcm": SamplerSpec("LCMScheduler", supports_karras=False),
 }
+# Samplers whose evaluation points follow the model's answers: only from pure noise (txt2img).
+TXT2IMG_ONLY = {"k_dpm_fast", "k_dpm_adaptive"}
 
 
-def sampler_refusal(sampler_name: str, baseline: str) -> str | None:
-    """Why `sampler_name` cannot run on a model of `baseline`, or None. Flux samples with its own
-    flow-matching Euler, which is the horde's k_euler and nothing else."""
+def sampler_refusal(sampler_name: str, baseline: str, from_image: bool = False) -> str | None:
+    """Why `sampler_name` cannot run on a model of `baseline` (starting from an image: img2img or a hires
+    fix's second pass), or None. Flux samples with its own flow-matching Euler, which is the horde's
+    k_euler and nothing else."""
     if baseline == "flux_1":
         return None if sampler_name == "k_euler" else f"Flux models run k_euler only, not {sampler_name!r}"
     if sampler_name not in SAMPLERS:
         return f"sampler {sampler_name!r} is not implemented by this worker"
+    if from_image and sampler_name in TXT2IMG_ONLY:
+        return f"{sampler_name} starts from pure noise only: not for img2img, inpainting or hires fix"
     return None
 
 
@@ -67,9 +80,15 @@ def make_scheduler(sampler_name: str, karras: bool, base_config: dict[str, Any],
     spec = SAMPLERS.get(sampler_name)
     if spec is None:
         raise UnsupportedSampler(sampler_refusal(sampler_name, "stable_diffusion_1"))
-    cls = getattr(diffusers, spec.scheduler_class)
     # Private keys such as `_use_default_values` would make diffusers drop the options set below.
     config = {k: v for k, v in base_config.items() if not k.startswith("_")}
+    if spec.scheduler_class == "GeneratorScheduler":
+        from horde_worker.inference import ksamplers
+
+        cls = ksamplers.GeneratorScheduler
+        config = {k: v for k, v in config.items() if k in ksamplers.CONFIG_KEYS}
+    else:
+        cls = getattr(diffusers, spec.scheduler_class)
     config.update(spec.options)
     if karras and spec.supports_karras:
         config["use_karras_sigmas"] = True

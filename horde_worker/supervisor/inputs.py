@@ -113,7 +113,7 @@ class AdapterCaches:
     def from_settings(cls, cache_home: str, max_gb: int, api_url: str, token: str) -> AdapterCaches:
         root = Path(cache_home)
         return cls(loras=AdapterCache("lora", root / "lora", max_gb << 30, api_url=api_url, token=token),
-                   tis=AdapterCache("ti", root / "ti", max(1, max_gb) << 28, api_url=api_url, token=token))
+                   tis=AdapterCache("ti", root / "ti", (max_gb << 30) // 10, api_url=api_url, token=token))
 
 
 def fetch_adapters(caches: AdapterCaches, pop: PopResponse, baseline: str,
