@@ -209,3 +209,16 @@ def test_tiled_network_is_shift_equivariant_on_the_torus(model):
     assert np.abs(np.roll(a, (32, 32), axis=(0, 1)) - b).max() < 2 / 255
     c, d = run(latents), run(rolled)
     assert np.abs(np.roll(c, (32, 32), axis=(0, 1)) - d).max() > 0.05
+
+
+def test_feature_benchmark_runs_on_cpu(tmp_path, capsys):
+    """The GPU benchmark of hires fix, LoRA and ControlNet also runs (slowly, tiny models) here."""
+    import json
+
+    from horde_worker.bench.features import JOBS, main
+
+    assert main(["--device", "cpu", "--steps", "2", "--repeats", "1", "--work-dir", str(tmp_path)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    figures = report["results"]["stable_diffusion_1"]
+    for job in JOBS:
+        assert figures[job]["worker_s_per_image"] > 0 and figures[job]["diffusers_s_per_image"] > 0
