@@ -222,3 +222,27 @@ def test_feature_benchmark_runs_on_cpu(tmp_path, capsys):
     figures = report["results"]["stable_diffusion_1"]
     for job in JOBS:
         assert figures[job]["worker_s_per_image"] > 0 and figures[job]["diffusers_s_per_image"] > 0
+
+
+@pytest.mark.parametrize("baseline", ["stable_diffusion_2", "stable_diffusion_xl", "flux_1"])
+def test_img2img_and_inpainting_on_every_baseline(tmp_path, baseline):
+    from horde_worker.inference.tiny import write_tiny_flux_checkpoint
+
+    path = tmp_path / f"{baseline}.safetensors"
+    if baseline == "flux_1":
+        write_tiny_flux_checkpoint(path, fp8=False)
+    else:
+        write_tiny_checkpoint(path, baseline)
+    loaded = load_pipeline(path, torch.device("cpu"), torch.float32, name=baseline)
+    job = dict(baseline=baseline, steps=2, cfg_scale=2.0, prompt="a (red:1.3) cat", negative_prompt="ugly")
+    source = png(IMAGES / "test_inpaint_original.png", (128, 128))
+    mask = png(IMAGES / "test_inpaint_mask.png", (128, 128))
+    plain = generate_images(loaded, request(**job))[0]
+    from_image = generate_images(loaded, request(source_image=source, denoising_strength=0.5, **job))[0]
+    assert diff(plain, from_image) > 1
+    painted = generate_images(loaded, request(source_image=source, source_mask=mask, source_processing="inpainting",
+                                              **job))[0].astype(int)
+    original = np.asarray(Image.open(io.BytesIO(source)).convert("RGB"), dtype=int)
+    repaint = np.asarray(Image.open(io.BytesIO(mask)).convert("L")) > 127
+    assert np.abs(painted - original)[~_grow(repaint, 4)].max() <= 1
+    assert np.abs(painted - original)[repaint].mean() > 5
