@@ -59,6 +59,9 @@ class GenerateRequest:
     control_model_path: str | None = None
     image_is_control: bool = False
     return_control_map: bool = False
+    # (name, weights path) of each post-processor, in the job's order.
+    post_processing: list[tuple[str, str]] = field(default_factory=list)
+    facefixer_strength: float | None = None
     # Paths of inpainting/annotator weights and other extras by name.
     extra: dict[str, Any] = field(default_factory=dict)
 

@@ -56,6 +56,7 @@ class ModelRunner:
             total = torch.cuda.get_device_properties(self.device).total_memory
             device_budget = max(0, total - parse_amount(spec.vram_to_leave_free, total)) // max(1, spec.slots_on_device)
         self.residency = Residency(self.device, self.dtype, spec.ram_budget, device_budget)
+        self.postprocessors = None
 
     def device_name(self) -> str:
         import torch
@@ -83,6 +84,12 @@ class ModelRunner:
         start = time.perf_counter()
         with torch.inference_mode():
             output = run_job(loaded, request, on_step=lambda s, t: send(Progress(request.job_id, s, t)))
+        if request.post_processing:
+            if self.postprocessors is None:
+                from horde_worker.inference.postprocess import PostProcessors
+
+                self.postprocessors = PostProcessors(self.device, self.dtype)
+            output.images = [self.postprocessors.apply(img, request.post_processing) for img in output.images]
         return GenerateResult(
             job_id=request.job_id,
             images=output.images,

@@ -13,6 +13,7 @@ from horde_worker.inference.flux_files import T5_TOKENIZER_DIR, T5_TOKENIZER_URL
 from horde_worker.inference.tiny import DEMO_MODEL_NAME, ensure_demo_model
 from horde_worker.models.controlnets import ControlSetup
 from horde_worker.models.download import DownloadTask
+from horde_worker.models.postprocessors import PostProcessSetup
 from horde_worker.models.reference import ModelEntry, ModelReference
 from horde_worker.models.resolve import resolve
 
@@ -36,9 +37,11 @@ class ServedModel:
 class ModelCatalog:
     """Name -> ServedModel, matched case-insensitively as the horde does."""
 
-    def __init__(self, models: list[ServedModel], control: ControlSetup | None = None) -> None:
+    def __init__(self, models: list[ServedModel], control: ControlSetup | None = None,
+                 postprocess: PostProcessSetup | None = None) -> None:
         self._models = {m.name.lower(): m for m in models}
         self.control = control or ControlSetup()
+        self.postprocess = postprocess or PostProcessSetup()
 
     def has(self, name: str) -> bool:
         return name.lower() in self._models

@@ -10,6 +10,7 @@ from horde_worker.config.bridge_data import BridgeData
 from horde_worker.models.catalog import CatalogPlan, ModelCatalog, ServedModel, plan_catalog
 from horde_worker.models.controlnets import CONTROL_BASELINES, ControlSetup, plan_control, ready_setup
 from horde_worker.models.download import DownloadError, download_all
+from horde_worker.models.postprocessors import PostProcessSetup, plan_postprocessors
 from horde_worker.models.reference import ModelReference, load_reference
 
 
@@ -68,7 +69,28 @@ def prepare_models(settings: BridgeData, show_progress: bool = True) -> tuple[Mo
     if settings.allow_controlnet:
         control, control_notices = prepare_control(settings, {m.baseline for m in ready}, show_progress)
         notices += control_notices
-    return ModelCatalog(ready, control), notices
+    postprocess = None
+    if settings.allow_post_processing:
+        postprocess, pp_notices = prepare_postprocessors(settings, show_progress)
+        notices += pp_notices
+    return ModelCatalog(ready, control, postprocess), notices
+
+
+def prepare_postprocessors(settings: BridgeData, show_progress: bool) -> tuple[PostProcessSetup, list[str]]:
+    """The reference's upscalers, downloaded if missing."""
+    setup, tasks = plan_postprocessors(Path(settings.cache_home))
+    notices: list[str] = []
+    if tasks:
+        logger.info("allow_post_processing: downloading {} upscaler(s)", len(tasks))
+        try:
+            notices += download_all(tasks, show_progress=show_progress)
+        except DownloadError as exc:
+            notices.append(str(exc))
+        setup, _ = plan_postprocessors(Path(settings.cache_home))
+    if not setup.complete:
+        notices.append("post-processing: upscalers are ready, face fixers and strip_background are not built yet, so "
+                       "the horde is told this worker does no post-processing")
+    return setup, notices
 
 
 def prepare_control(settings: BridgeData, baselines: set[str], show_progress: bool) -> tuple[ControlSetup, list[str]]:

@@ -50,10 +50,11 @@ def unsupported_reason(job: Job, catalog: ModelCatalog) -> str | None:
         refusal = catalog.control.refusal(payload.control_type, baseline, payload.image_is_control)
     if refusal is None and payload.control_type and not job.pop.source_image:
         refusal = "a ControlNet job needs a source image"
+    if refusal is None and payload.post_processing:
+        refusal = catalog.postprocess.refusal(payload.post_processing)
     if refusal is not None:
         return refusal
     unsupported = [name for name, used in (
-        ("post_processing", payload.post_processing),
         ("transparent", payload.transparent), ("workflow", payload.workflow)) if used]
     if unsupported:
         return f"not supported yet: {', '.join(unsupported)}"
@@ -96,6 +97,9 @@ def generate_request(job: Job, catalog: ModelCatalog) -> GenerateRequest:
         image_is_control=payload.image_is_control,
         return_control_map=payload.return_control_map,
         extra={"annotator_dir": str(catalog.control.annotator_dir or "")},
+        post_processing=[(name, str(catalog.postprocess.files[name])) for name in payload.post_processing
+                         if name in catalog.postprocess.files],
+        facefixer_strength=payload.facefixer_strength,
     )
 
 
