@@ -30,7 +30,8 @@ MODEL_KEYS = frozenset({"models_to_load", "models_to_skip", "custom_models", "lo
 
 # Accepted for compatibility, not acted on yet: each says so at start when set.
 NOT_YET_HONOURED: dict[str, str] = {
-    "allow_post_processing": "post-processing is not supported yet; the horde is told so",
+    "allow_post_processing": "upscalers are downloaded and ready, but face fixers and strip_background are not built "
+                             "yet, so the horde is told this worker does no post-processing",
     "allow_sdxl_controlnet": "the horde's reference has no SDXL ControlNet for the nine control types; the horde "
                              "is told this worker does no SDXL ControlNet",
     "censor_nsfw": "the safety checker is not built yet",
