@@ -188,9 +188,12 @@ def run_supervisor(settings: BridgeData, client, catalog, devices: list[str], ar
             return
         supervisor.replace_catalog_threadsafe(new_catalog)
 
+    safety = start_safety(settings, devices, args.log_dir, console)
+    if safety is None:
+        return 2
     supervisor = Supervisor(settings, client, catalog, slot_specs(devices, settings, args.log_dir),
                             journal_dir(settings), stop_condition=stop_condition,
-                            config_poll=poll_config, pop_interval=pop_interval)
+                            config_poll=poll_config, pop_interval=pop_interval, safety=safety)
     status = StatusLine(supervisor.status_text, every=settings.stats_output_frequency, console=console,
                         live=None if not settings.limited_console_messages else False)
     supervisor.on_tick = status.tick
@@ -222,11 +225,33 @@ def run_supervisor(settings: BridgeData, client, catalog, devices: list[str], ar
         code = asyncio.run(main_loop())
     finally:
         status.stop()
+        safety.stop()
     logger.info(supervisor.stats.summary())
     if supervisor.fatal:
         logger.error(supervisor.fatal)
     LAST_SUMMARY[0] = supervisor.stats.summary()
     return code
+
+
+def start_safety(settings: BridgeData, devices: list[str], log_dir: str, console):
+    """The safety process, started and ready; None (after saying why) when it cannot be."""
+    from horde_worker.models.safety_files import SafetyWeightsMissing, prepare_safety
+    from horde_worker.supervisor.safety_client import SafetyClient, SafetyUnavailable
+
+    try:
+        weights = prepare_safety(settings.safety_model, settings.cache_home, show_progress=console.is_terminal)
+    except SafetyWeightsMissing as exc:
+        logger.error(str(exc))
+        return None
+    gpu = next((d for d in devices if d.startswith("cuda")), None)
+    device = gpu if settings.safety_on_gpu and gpu else "cpu"
+    client = SafetyClient(weights, device, str(log_dir))
+    try:
+        client.start()
+    except SafetyUnavailable as exc:
+        logger.error("the safety checker could not start: {}. The worker does not run without it.", exc)
+        return None
+    return client
 
 
 def journal_dir(settings: BridgeData) -> Path:

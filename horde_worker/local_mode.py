@@ -14,7 +14,7 @@ from pathlib import Path
 from loguru import logger
 
 from horde_worker.config.bridge_data import BridgeData
-from horde_worker.inference.tiny import DEMO_MODEL_NAME, ensure_local_models
+from horde_worker.inference.tiny import DEMO_MODEL_NAME, LOCAL_SAFETY_MODEL, ensure_local_models
 from horde_worker.localhorde import LocalHorde
 from horde_worker.localhorde.samples import sample_requests
 from horde_worker.models.catalog import ModelCatalog, ServedModel
@@ -63,6 +63,7 @@ def run_local(settings: BridgeData, args, devices: list[str], console) -> int:
     settings = settings.model_copy(update={
         "horde_url": horde.url, "api_key": horde.api_key, "civitai_api_url": civitai.url,
         "allow_lora": True, "allow_controlnet": True,
+        "safety_model": settings.safety_model or str(Path(settings.cache_home) / "compvis" / LOCAL_SAFETY_MODEL),
         "dreamer_name": args.name or LOCAL_NAME_DEFAULT,
     })
     request_ids = []

@@ -25,6 +25,9 @@ def model_cache(tmp_path_factory) -> Path:
     """A cache_home with the tiny demo checkpoint in its compvis/ folder."""
     cache = tmp_path_factory.mktemp("cache")
     ensure_demo_model(cache)
+    from horde_worker.safety.tiny import write_tiny_clip
+
+    write_tiny_clip(cache / "clip" / "tiny-clip-clean.safetensors", ["landscape", "mountain"])
     return cache
 
 
@@ -97,6 +100,7 @@ def start_worker(tmp_path, model_cache) -> Iterator[Callable[..., WorkerProcess]
             "models_to_load": [DEMO_MODEL_NAME], "cache_home": str(cache), "max_threads": 1,
             "queue_size": 1, "max_batch": 4, "max_power": 8, "stats_output_frequency": 5,
             "limited_console_messages": True, "model_reference_url": "",
+            "safety_model": str(model_cache / "clip" / "tiny-clip-clean.safetensors"),
         }
         settings.update(overrides)
         worker = WorkerProcess(tmp_path, settings)

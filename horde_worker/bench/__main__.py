@@ -46,7 +46,9 @@ def run_worker(model: str, checkpoint: Path, device: str, mix: list[dict[str, An
     from horde_worker.inference.messages import SlotSpec
     from horde_worker.localhorde import LocalHorde
     from horde_worker.models.catalog import ModelCatalog, ServedModel
+    from horde_worker.safety.tiny import write_tiny_clip
     from horde_worker.supervisor.loop import Supervisor
+    from horde_worker.supervisor.safety_client import SafetyClient
     from horde_worker.supervisor.stats import SessionStats
 
     horde = LocalHorde([model]).start()
@@ -61,7 +63,12 @@ def run_worker(model: str, checkpoint: Path, device: str, mix: list[dict[str, An
         client = HordeClient(horde.url, horde.api_key, retry=RetryPolicy(attempts=5, base_delay=0.1))
         catalog = ModelCatalog([ServedModel(model, checkpoint, "stable_diffusion_1")])
         specs = [SlotSpec(slot=0, device=device, log_dir=str(work_dir / "logs"))]
-        supervisor = Supervisor(settings, client, catalog, specs, work_dir / "journal", pop_interval=0.05)
+        # Every image is safety-checked, as in service; a tiny CLIP keeps this benchmark about generation.
+        safety = SafetyClient(write_tiny_clip(work_dir / "clip" / "bench-clip.safetensors", ["landscape"]), "cpu",
+                              str(work_dir / "logs"))
+        safety.start()
+        supervisor = Supervisor(settings, client, catalog, specs, work_dir / "journal", pop_interval=0.05,
+                                safety=safety)
         timings: dict[str, Any] = {}
 
         async def serve() -> None:
@@ -78,6 +85,7 @@ def run_worker(model: str, checkpoint: Path, device: str, mix: list[dict[str, An
             timings["wall"] = (supervisor.stats.last_done_at or time.time()) - started
 
         asyncio.run(serve())
+        safety.stop()
     finally:
         horde.stop()
     stats = supervisor.stats

@@ -34,9 +34,6 @@ NOT_YET_HONOURED: dict[str, str] = {
                              "yet, so the horde is told this worker does no post-processing",
     "allow_sdxl_controlnet": "the horde's reference has no SDXL ControlNet for the nine control types; the horde "
                              "is told this worker does no SDXL ControlNet",
-    "censor_nsfw": "the safety checker is not built yet",
-    "censorlist": "the safety checker is not built yet",
-    "safety_on_gpu": "the safety checker is not built yet",
     "purge_loras_on_download": "the LoRA cache is trimmed by max_lora_cache_size (least recently used first)",
     "high_memory_mode": "memory modes are not built yet",
     "high_performance_mode": "performance modes are not built yet",
@@ -98,6 +95,8 @@ class BridgeData(BaseModel):
     censorlist: list[str] = Field(default_factory=list)
     blacklist: list[str] = Field(default_factory=list)
     safety_on_gpu: bool = False
+    # CLIP weights for the safety check; empty: the horde's ViT-L/14, downloaded into cache_home/clip.
+    safety_model: str = ""
 
     allow_img2img: bool = True
     allow_painting: bool = True

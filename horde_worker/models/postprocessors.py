@@ -25,6 +25,16 @@ HORDE_POSTPROCESSORS = (
 )
 
 
+# What this worker can run so far: the upscalers. Face fixers and strip_background are not built.
+IMPLEMENTED = frozenset({"RealESRGAN_x4plus", "RealESRGAN_x2plus", "RealESRGAN_x4plus_anime_6B", "NMKD_Siax",
+                         "4x_AnimeSharp", "4xNomos8kSC", "4xLSDIRplus", "4xNomosWebPhoto_RealPLKSR",
+                         "4xNomos2_realplksr_dysample", "4xNomos2_hq_dat2", "2xModernSpanimationV1"})
+
+
+def all_postprocessors_implemented() -> bool:
+    return set(HORDE_POSTPROCESSORS) <= IMPLEMENTED
+
+
 @dataclass(frozen=True)
 class PostProcessorFile:
     """The weights of one upscaler in the reference."""

@@ -10,7 +10,7 @@ from horde_worker.config.bridge_data import BridgeData
 from horde_worker.models.catalog import CatalogPlan, ModelCatalog, ServedModel, plan_catalog
 from horde_worker.models.controlnets import CONTROL_BASELINES, ControlSetup, plan_control, ready_setup
 from horde_worker.models.download import DownloadError, download_all
-from horde_worker.models.postprocessors import PostProcessSetup, plan_postprocessors
+from horde_worker.models.postprocessors import PostProcessSetup, all_postprocessors_implemented, plan_postprocessors
 from horde_worker.models.reference import ModelReference, load_reference
 
 
@@ -77,9 +77,15 @@ def prepare_models(settings: BridgeData, show_progress: bool = True) -> tuple[Mo
 
 
 def prepare_postprocessors(settings: BridgeData, show_progress: bool) -> tuple[PostProcessSetup, list[str]]:
-    """The reference's upscalers, downloaded if missing."""
+    """The reference's upscalers: downloaded only once post-processing can be offered at all (every horde
+    post-processor implemented), since the horde cannot be told which ones a worker has."""
     setup, tasks = plan_postprocessors(Path(settings.cache_home))
     notices: list[str] = []
+    if not all_postprocessors_implemented():
+        notices.append("allow_post_processing: face fixers and strip_background are not built yet, so the horde is "
+                       "told this worker does no post-processing (upscaler weights already in cache_home/esrgan "
+                       "are used in local tests only)")
+        return setup, notices
     if tasks:
         logger.info("allow_post_processing: downloading {} upscaler(s)", len(tasks))
         try:
@@ -87,9 +93,6 @@ def prepare_postprocessors(settings: BridgeData, show_progress: bool) -> tuple[P
         except DownloadError as exc:
             notices.append(str(exc))
         setup, _ = plan_postprocessors(Path(settings.cache_home))
-    if not setup.complete:
-        notices.append("post-processing: upscalers are ready, face fixers and strip_background are not built yet, so "
-                       "the horde is told this worker does no post-processing")
     return setup, notices
 
 

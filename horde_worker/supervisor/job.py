@@ -2,10 +2,10 @@
 
 A job is one pop: `n_iter` images of one request, submitted as one horde id each.
 
-    POPPED -> INPUTS_READY -> QUEUED -> RUNNING -> GENERATED -> ENCODED -> UPLOADED -> SUBMITTED
-                                 ^          |                       |
-                                 +----------+ (slot died, TTL left) +---------------> SUBMITTED
-                                                                    (upload failed: base64 in submit)
+    POPPED -> INPUTS_READY -> QUEUED -> RUNNING -> GENERATED -> CHECKED -> ENCODED -> UPLOADED -> SUBMITTED
+                                 ^          |                                  |
+                                 +----------+ (slot died, TTL left)            +------------> SUBMITTED
+                                                    (safety-checked: censored if must be) (upload failed: base64)
     any unfinished state -> FAULTED(reason) -> SUBMITTED   (submitted as faulted)
     any unfinished state -> ABANDONED                      (the horde aborted it or never knew it)
 
@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
-from horde_worker.horde.wire import GenMetadata, PopResponse
+from horde_worker.horde.wire import GenMetadata, PopResponse, SubmitState
 
 
 class JobState(str, Enum):
@@ -30,6 +30,7 @@ class JobState(str, Enum):
     QUEUED = "queued"
     RUNNING = "running"
     GENERATED = "generated"
+    CHECKED = "checked"
     ENCODED = "encoded"
     UPLOADED = "uploaded"
     FAULTED = "faulted"
@@ -46,7 +47,8 @@ _MOVES: dict[JobState, set[JobState]] = {
     JobState.INPUTS_READY: {JobState.QUEUED},
     JobState.QUEUED: {JobState.RUNNING},
     JobState.RUNNING: {JobState.GENERATED, JobState.QUEUED},
-    JobState.GENERATED: {JobState.ENCODED},
+    JobState.GENERATED: {JobState.CHECKED},
+    JobState.CHECKED: {JobState.ENCODED},
     JobState.ENCODED: {JobState.UPLOADED, JobState.SUBMITTED},
     JobState.UPLOADED: {JobState.SUBMITTED},
     JobState.FAULTED: {JobState.SUBMITTED, JobState.ABANDONED},
@@ -71,6 +73,9 @@ class Job:
     state: JobState = JobState.POPPED
     fault_reason: str | None = None
     gen_metadata: list[GenMetadata] = field(default_factory=list)
+    # Per image, after the safety check: the submit state and the image's own gen_metadata.
+    image_states: list[SubmitState] = field(default_factory=list)
+    image_metadata: list[list[GenMetadata]] = field(default_factory=list)
     seeds: list[int] = field(default_factory=list)
     images: list[Any] = field(default_factory=list)  # HxWxC uint8 arrays until encoded
     webp: list[bytes] = field(default_factory=list)

@@ -132,5 +132,7 @@ def submit_body(job: Job, index: int) -> SubmitRequest:
                              gen_metadata=job.gen_metadata)
     uploaded = index < len(job.uploaded) and job.uploaded[index]
     generation = "R2" if uploaded else base64.b64encode(job.webp[index]).decode()
-    return SubmitRequest(id=job_id, generation=generation, seed=seed, state=SubmitState.OK,
-                         gen_metadata=job.gen_metadata)
+    state = job.image_states[index] if index < len(job.image_states) else SubmitState.OK
+    own = job.image_metadata[index] if index < len(job.image_metadata) else []
+    return SubmitRequest(id=job_id, generation=generation, seed=seed, state=state,
+                         gen_metadata=[*job.gen_metadata, *own])

@@ -13,7 +13,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from horde_worker.horde.wire import GenMetadata, PopResponse
+from horde_worker.horde.wire import GenMetadata, PopResponse, SubmitState
 from horde_worker.supervisor.job import Job, JobState
 
 
@@ -46,6 +46,8 @@ class Journal:
             "uploaded": job.uploaded,
             "submitted_ids": sorted(job.submitted_ids),
             "gen_metadata": [m.model_dump(mode="json") for m in job.gen_metadata],
+            "image_states": [state.value for state in job.image_states],
+            "image_metadata": [[m.model_dump(mode="json") for m in entries] for entries in job.image_metadata],
             "images": len(job.webp),
         }
         tmp = folder / "job.json.tmp"
@@ -69,6 +71,9 @@ class Journal:
                 job.uploaded = list(entry["uploaded"])
                 job.submitted_ids = set(entry["submitted_ids"])
                 job.gen_metadata = [GenMetadata.model_validate(m) for m in entry["gen_metadata"]]
+                job.image_states = [SubmitState(state) for state in entry.get("image_states", [])]
+                job.image_metadata = [[GenMetadata.model_validate(m) for m in entries]
+                                      for entries in entry.get("image_metadata", [])]
                 job.webp = [(entry_path.parent / f"{i}.webp").read_bytes() for i in range(entry["images"])]
             except (OSError, ValueError, KeyError):
                 shutil.rmtree(entry_path.parent, ignore_errors=True)

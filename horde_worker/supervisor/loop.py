@@ -18,7 +18,7 @@ from loguru import logger
 
 from horde_worker import BRIDGE_AGENT
 from horde_worker.config.bridge_data import BridgeData
-from horde_worker.horde.client import HordeClient, HordeError, HordeUnreachable, RetryPolicy, SubmitOutcome
+from horde_worker.horde.client import HordeClient, HordeError, HordeUnreachable, RetryPolicy
 from horde_worker.horde.wire import PopRequest, PopResponse
 from horde_worker.inference.messages import (
     GenerateFailed,
@@ -31,9 +31,11 @@ from horde_worker.inference.messages import (
 )
 from horde_worker.models.catalog import ModelCatalog
 from horde_worker.supervisor import jobspec
+from horde_worker.supervisor.delivery import Delivery
 from horde_worker.supervisor.inputs import AdapterCaches, fetch_adapters, fetch_inputs
 from horde_worker.supervisor.job import Job, JobState
 from horde_worker.supervisor.journal import Journal
+from horde_worker.supervisor.safety_client import SafetyClient
 from horde_worker.supervisor.scheduler import Scheduler
 from horde_worker.supervisor.slots import Slot, SlotPool
 from horde_worker.supervisor.stats import SessionStats
@@ -47,8 +49,6 @@ FATAL_POP_ERRORS = {
     "TooManyWorkers": "this account runs as many workers as it may",
     "WorkerInviteOnly": "this horde only accepts invited workers",
 }
-# The horde flags a worker whose job goes from pop to submit faster than this.
-SUSPICIOUS_MPS = 20.0
 
 
 class Supervisor:
@@ -57,7 +57,8 @@ class Supervisor:
     def __init__(self, settings: BridgeData, client: HordeClient, catalog: ModelCatalog, slot_specs: list[SlotSpec],
                  journal_dir: Path, *, pop_interval: float = 1.0, maintenance_interval: float = 60.0,
                  submit_patience: float = 1800.0, stop_condition: Callable[[], bool] | None = None,
-                 on_tick: Callable[[float], None] | None = None, config_poll: Callable[[], None] | None = None) -> None:
+                 on_tick: Callable[[float], None] | None = None, config_poll: Callable[[], None] | None = None,
+                 safety: SafetyClient | None = None) -> None:
         self.settings = settings
         self.client = client
         self.catalog = catalog
@@ -79,6 +80,8 @@ class Supervisor:
         self._tasks: set[asyncio.Task] = set()
         self._seen_messages: set[str] = set()
         self.pool: SlotPool | None = None
+        self.safety = safety
+        self.delivery = Delivery(self)
         self.adapter_caches = AdapterCaches.from_settings(settings.cache_home, settings.max_lora_cache_size,
                                                           settings.civitai_api_url, settings.civitai_api_token)
 
@@ -359,92 +362,7 @@ class Supervisor:
     # --- results -----------------------------------------------------------------------------
 
     async def _finish(self, job: Job) -> None:
-        """Encode, upload and submit a generated job, or submit a faulted one."""
-        if job.state is JobState.GENERATED:
-            job.webp = await asyncio.to_thread(lambda: [jobspec.encode_webp(img) for img in job.images])
-            job.images = []
-            job.uploaded = [False] * len(job.webp)
-            job.advance(JobState.ENCODED)
-            await asyncio.to_thread(self.journal.record, job)
-            await self._upload(job)
-        elif job.state is JobState.ENCODED:  # resumed from the journal
-            await self._upload(job)
-        elif job.state is JobState.FAULTED:
-            await asyncio.to_thread(self.journal.record, job)
-        await self._hold_for_pace(job)
-        await self._submit(job)
-
-    async def _upload(self, job: Job) -> None:
-        urls = job.pop.r2_uploads or ([job.pop.r2_upload] if job.pop.r2_upload else [])
-        for index, data in enumerate(job.webp):
-            if job.uploaded[index] or index >= len(urls) or not urls[index]:
-                continue
-            try:
-                await asyncio.to_thread(self.client.upload, urls[index], data,
-                                        RetryPolicy(attempts=5, base_delay=0.5, max_delay=15))
-                job.uploaded[index] = True
-            except HordeUnreachable as exc:
-                logger.warning("upload for {} failed ({}); the image goes in the submit instead", job.ids[index], exc)
-        await asyncio.to_thread(self.journal.record, job)
-        if job.state is JobState.ENCODED and all(job.uploaded):
-            job.advance(JobState.UPLOADED)
-
-    async def _hold_for_pace(self, job: Job) -> None:
-        """Submitting faster than the horde believes possible gets a worker flagged; wait instead."""
-        if job.fault_reason is not None:
-            return
-        p = job.pop.payload
-        earliest = job.popped_at + (p.width * p.height * p.ddim_steps / 1e6) / SUSPICIOUS_MPS * 1.05
-        delay = earliest - time.time()
-        if delay > 0:
-            logger.debug("job {} held {:.2f}s so that it does not look impossibly fast", job.id, delay)
-            await asyncio.sleep(delay)
-
-    async def _submit(self, job: Job) -> None:
-        answered_ok, deadline = 0, time.monotonic() + self.submit_patience
-        for index, job_id in enumerate(job.ids):
-            if job_id in job.submitted_ids:
-                continue
-            body = jobspec.submit_body(job, index)
-            attempt = 0
-            while True:
-                try:
-                    outcome, reward = await asyncio.to_thread(
-                        self.client.submit, body, RetryPolicy(attempts=4, base_delay=0.5, max_delay=10))
-                    break
-                except HordeUnreachable as exc:
-                    attempt += 1
-                    if time.monotonic() > deadline:
-                        logger.error("submit of {} keeps failing ({}); kept on disk for the next start", job_id, exc)
-                        self._forget(job, keep_journal=True)
-                        return
-                    await asyncio.sleep(min(60.0, 2**attempt * random.uniform(0.5, 1.0)))
-                except HordeError as exc:
-                    logger.error("submit of {} refused: {}", job_id, exc)
-                    outcome, reward = SubmitOutcome.INVALID_ID, 0.0
-                    break
-            job.submitted_ids.add(job_id)
-            if outcome in (SubmitOutcome.ACCEPTED, SubmitOutcome.DUPLICATE):
-                answered_ok += 1
-                job.reward += reward
-                self.stats.kudos += reward
-            else:
-                logger.warning("job {} was {} by the horde: it was not credited", job_id,
-                               "aborted (too slow)" if outcome is SubmitOutcome.ABORTED else "unknown")
-            await asyncio.to_thread(self.journal.record, job)
-        if job.fault_reason is not None:
-            self.stats.jobs_faulted += 1
-            job.advance(JobState.SUBMITTED)
-        elif answered_ok:
-            self.stats.jobs_done += 1
-            self.stats.images += answered_ok
-            self.stats.last_done_at = time.time()
-            job.advance(JobState.SUBMITTED)
-            logger.info("job {} submitted: {} image(s), {:.2f} kudos", job.id, answered_ok, job.reward)
-        else:
-            self.stats.jobs_abandoned += 1
-            job.advance(JobState.ABANDONED)
-        self._forget(job)
+        await self.delivery.finish(job)
 
     def _forget(self, job: Job, keep_journal: bool = False) -> None:
         if not keep_journal:
@@ -464,5 +382,6 @@ class Supervisor:
             current = f" | running {running[0].model} {step}/{total}"
         queued = sum(1 for j in self.jobs.values() if j.state in (JobState.QUEUED, JobState.INPUTS_READY))
         s = self.stats
-        return (f"jobs {s.jobs_done} done, {s.jobs_faulted} faulted | queue {queued}{current} | "
+        censored = f", {s.censored} censored" if s.censored else ""
+        return (f"jobs {s.jobs_done} done, {s.jobs_faulted} faulted{censored} | queue {queued}{current} | "
                 f"kudos {s.kudos:.1f} ({s.kudos_per_hour:.0f}/hr) | {s.megapixelsteps_per_second:.2f} MPS/s")

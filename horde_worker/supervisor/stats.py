@@ -15,6 +15,7 @@ class SessionStats:
     jobs_done: int = 0
     jobs_faulted: int = 0
     jobs_abandoned: int = 0
+    censored: int = 0
     images: int = 0
     kudos: float = 0.0
     megapixelsteps: float = 0.0
