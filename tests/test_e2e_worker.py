@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 import signal
 import time
 
@@ -72,11 +73,15 @@ def test_killed_inference_process_is_replaced_and_job_answered(local_horde, star
     request = post(local_horde, "a fox", steps=40, width=512, height=512)
     wait_for(lambda: status(local_horde, request)["processing"] == 1, 90, "the job to be popped")
 
+    def safety_pid() -> int | None:
+        found = re.search(r"safety checker ready on \S+ \(.*, process (\d+)\)", worker.output())
+        return int(found.group(1)) if found else None
+
     def inference_children() -> list[psutil.Process]:
         children = psutil.Process(worker.process.pid).children(recursive=True)
-        return [c for c in children if "spawn_main" in " ".join(c.cmdline())]
+        return [c for c in children if "spawn_main" in " ".join(c.cmdline()) and c.pid != safety_pid()]
 
-    wait_for(lambda: len(inference_children()) == 1 and "slot 0 ready" in worker.output(), 60,
+    wait_for(lambda: safety_pid() and len(inference_children()) == 1 and "slot 0 ready" in worker.output(), 60,
              "the inference process to take the job")
     time.sleep(2)  # let it start sampling
     victim = inference_children()[0]

@@ -25,7 +25,8 @@ def make_job(model: str = "m1", ids: int = 1, seed: str = "100", popped_at: floa
 
 def test_happy_path_and_illegal_moves():
     job = make_job()
-    for state in (JobState.INPUTS_READY, JobState.QUEUED, JobState.RUNNING, JobState.GENERATED, JobState.ENCODED,
+    for state in (JobState.INPUTS_READY, JobState.QUEUED, JobState.RUNNING, JobState.GENERATED, JobState.CHECKED,
+                  JobState.ENCODED,
                   JobState.UPLOADED, JobState.SUBMITTED):
         job.advance(state)
     assert [s for _, s in job.history][-1] is JobState.SUBMITTED
@@ -100,7 +101,8 @@ def test_journal_keeps_finished_images_until_forgotten(tmp_path):
     job.webp = [b"one", b"two"]
     job.uploaded = [True, False]
     job.submitted_ids = {job.ids[0]}
-    for state in (JobState.INPUTS_READY, JobState.QUEUED, JobState.RUNNING, JobState.GENERATED, JobState.ENCODED):
+    for state in (JobState.INPUTS_READY, JobState.QUEUED, JobState.RUNNING, JobState.GENERATED, JobState.CHECKED,
+                  JobState.ENCODED):
         job.advance(state)
     journal.record(job)
     (restored,) = Journal(tmp_path).pending()

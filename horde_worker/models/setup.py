@@ -82,9 +82,9 @@ def prepare_postprocessors(settings: BridgeData, show_progress: bool) -> tuple[P
     setup, tasks = plan_postprocessors(Path(settings.cache_home))
     notices: list[str] = []
     if not all_postprocessors_implemented():
-        notices.append("allow_post_processing: face fixers and strip_background are not built yet, so the horde is "
-                       "told this worker does no post-processing (upscaler weights already in cache_home/esrgan "
-                       "are used in local tests only)")
+        # Said, not counted as a problem: nothing failed, the capability is simply not offered yet.
+        logger.info("allow_post_processing: face fixers and strip_background are not built yet, so the horde is told "
+                    "this worker does no post-processing")
         return setup, notices
     if tasks:
         logger.info("allow_post_processing: downloading {} upscaler(s)", len(tasks))

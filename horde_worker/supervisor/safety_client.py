@@ -53,7 +53,7 @@ class SafetyClient:
                                     f"see logs/safety.log") from None
         if not isinstance(ready, SafetyReady):
             raise SafetyUnavailable(f"unexpected first message from the safety process: {ready!r}")
-        logger.info("safety checker ready on {} ({})", self.device, self.weights.name)
+        logger.info("safety checker ready on {} ({}, process {})", self.device, self.weights.name, self._process.pid)
 
     @property
     def pid(self) -> int | None:
