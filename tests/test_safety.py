@@ -144,3 +144,13 @@ def test_worker_faults_jobs_when_the_safety_check_cannot_run(local_horde, start_
              "the job to be faulted")
     status = submitted(local_horde, request_id)
     assert not status["done"] and not [g for g in status["generations"] if g["state"] == "ok"]
+
+
+def test_safety_benchmark_runs_on_cpu(capsys):
+    import json
+
+    from horde_worker.bench.safety import main
+
+    assert main(["--sizes", "64", "--count", "2"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["seconds_per_image"]["64x64"] > 0 and report["start_seconds"] > 0
