@@ -57,3 +57,24 @@ def write_tiny_clip(path: Path, concepts: list[str], seed: int = 0) -> Path:
         visual.proj.copy_(torch.outer(bias / bias.dot(bias), target))
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
     return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m horde_worker.safety.tiny OUT.safetensors --concepts "woman,naked"`: a tiny CLIP for
+    `safety_model`, so that local mode can show each censorship branch."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__.splitlines()[0])
+    parser.add_argument("out", type=Path, help="where to write the weights (a .json config goes beside them)")
+    parser.add_argument("--concepts", required=True,
+                        help="comma-separated words every image will look like, e.g. 'landscape' (safe), "
+                             "'woman,naked,nude,sexual' (NSFW), 'child,children,toddler,naked,nude,sexual,porn' (CSAM)")
+    args = parser.parse_args(argv)
+    concepts = [word.strip() for word in args.concepts.split(",") if word.strip()]
+    path = write_tiny_clip(args.out, concepts)
+    print(f"wrote {path}; use it with: AIWORKER_SAFETY_MODEL={path} ./horde-bridge.sh --local ...")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
