@@ -137,10 +137,15 @@ def rich_progress():
 
 
 def download_all(tasks: list[DownloadTask], *, token: str | None = None, show_progress: bool = True) -> list[str]:
-    """Download every task with a progress bar each; returns error messages (empty when all worked)."""
+    """Download every task with a progress bar each; returns error messages (empty when all worked), a
+    lack of disk space included."""
     needed = sum(t.size or 0 for t in tasks)
     if tasks:
-        check_free_space(tasks[0].dest.parent, needed)
+        try:
+            check_free_space(tasks[0].dest.parent, needed)
+        except DownloadError as exc:
+            logger.error(str(exc))
+            return [str(exc)]
     errors = []
     progress = rich_progress() if show_progress else None
     if progress is not None:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from loguru import logger
 
-from horde_worker.models.download import DownloadError, DownloadTask, download_all
+from horde_worker.models.download import DownloadTask, download_all
 
 SNAPSHOT = Path(__file__).parent / "data" / "clip.json"
 
@@ -34,10 +34,7 @@ def prepare_safety(safety_model: str, cache_home: str, show_progress: bool = Tru
     task = reference_clip_task(Path(cache_home))
     if not task.dest.exists():
         logger.info("downloading the safety checker's CLIP model (ViT-L/14, 890 MB)")
-        try:
-            errors = download_all([task], show_progress=show_progress)
-        except DownloadError as exc:
-            errors = [str(exc)]
+        errors = download_all([task], show_progress=show_progress)
         if errors or not task.dest.exists():
             raise SafetyWeightsMissing("the safety checker's CLIP model could not be downloaded: "
                                        f"{'; '.join(errors) or 'unknown error'}. Every image must be checked before "

@@ -9,7 +9,7 @@ from loguru import logger
 from horde_worker.config.bridge_data import BridgeData
 from horde_worker.models.catalog import CatalogPlan, ModelCatalog, ServedModel, plan_catalog
 from horde_worker.models.controlnets import CONTROL_BASELINES, ControlSetup, plan_control, ready_setup
-from horde_worker.models.download import DownloadError, download_all
+from horde_worker.models.download import download_all
 from horde_worker.models.postprocessors import PostProcessSetup, all_postprocessors_implemented, plan_postprocessors
 from horde_worker.models.reference import ModelReference, load_reference
 
@@ -50,12 +50,8 @@ def prepare_models(settings: BridgeData, show_progress: bool = True) -> tuple[Mo
     notices = list(plan.notices)
     if plan.to_download:
         logger.info("downloading {} model(s), {:.1f} GB", len(plan.to_download), plan.bytes_to_download / 1e9)
-        try:
-            errors = download_all([task for _, task in plan.to_download], token=settings.civitai_api_token or None,
-                                  show_progress=show_progress)
-        except DownloadError as exc:
-            errors = [str(exc)]
-        notices += errors
+        notices += download_all([task for _, task in plan.to_download], token=settings.civitai_api_token or None,
+                                show_progress=show_progress)
         from horde_worker.models.catalog import checkpoint_path
 
         by_model: dict[str, list] = {}
@@ -88,10 +84,7 @@ def prepare_postprocessors(settings: BridgeData, show_progress: bool) -> tuple[P
         return setup, notices
     if tasks:
         logger.info("allow_post_processing: downloading {} upscaler(s)", len(tasks))
-        try:
-            notices += download_all(tasks, show_progress=show_progress)
-        except DownloadError as exc:
-            notices.append(str(exc))
+        notices += download_all(tasks, show_progress=show_progress)
         setup, _ = plan_postprocessors(Path(settings.cache_home))
     return setup, notices
 
@@ -102,10 +95,7 @@ def prepare_control(settings: BridgeData, baselines: set[str], show_progress: bo
     notices: list[str] = []
     if tasks:
         logger.info("allow_controlnet: downloading {} ControlNet/annotator file(s)", len(tasks))
-        try:
-            notices += download_all(tasks, token=settings.civitai_api_token or None, show_progress=show_progress)
-        except DownloadError as exc:
-            notices.append(str(exc))
+        notices += download_all(tasks, token=settings.civitai_api_token or None, show_progress=show_progress)
     ready = ready_setup(setup)
     if not ready.available:
         notices.append("allow_controlnet is on but no ControlNet file is available for the served models "
