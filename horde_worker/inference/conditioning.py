@@ -50,9 +50,7 @@ def parse_weighted(text: str) -> list[tuple[str, float]]:
             scale(round_open.pop(), UP)
         elif token == "]" and square_open:
             scale(square_open.pop(), DOWN)
-        elif number is not None:
-            parts.append([token, 1.0])
-        else:
+        else:  # text, or a bracket with nothing open to close
             parts.append([token, 1.0])
     for start in round_open:
         scale(start, UP)

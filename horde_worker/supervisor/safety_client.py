@@ -73,20 +73,16 @@ class SafetyClient:
                 answer = self._conn.recv()
             except (EOFError, OSError, BrokenPipeError) as exc:
                 code = self._process.exitcode if self._process else None
-                self._restart_later()
+                self.stop()  # the next check starts a new process
                 raise SafetyUnavailable(f"the safety process died (exit code {code}): {exc}") from None
             except SafetyUnavailable:
-                self._restart_later()
+                self.stop()
                 raise
         if isinstance(answer, SafetyFailed):
             raise SafetyUnavailable(answer.reason)
         if not isinstance(answer, SafetyVerdicts) or len(answer.verdicts) != len(images):
             raise SafetyUnavailable(f"unexpected answer from the safety process: {answer!r}")
         return answer
-
-    def _restart_later(self) -> None:
-        """Drop the broken process; the next check starts a new one."""
-        self.stop()
 
     def stop(self) -> None:
         if self._process is not None:
