@@ -82,6 +82,26 @@ def _quiet_import_controlnet_aux() -> None:
         import controlnet_aux  # noqa: F401
 
 
+# The annotator of the last ControlNet job, kept: consecutive jobs of one type do not read it again.
+_LAST_ANNOTATOR: dict[tuple[str, str, str], object] = {}
+
+
+def _annotator(kind: str, folder: Path, device: torch.device, load):
+    key = (kind, str(folder), str(device))
+    if key not in _LAST_ANNOTATOR:
+        _LAST_ANNOTATOR.clear()
+        _LAST_ANNOTATOR[key] = load()
+    return _LAST_ANNOTATOR[key]
+
+
+def _hed(folder: Path, device: torch.device):
+    from controlnet_aux import HEDdetector
+
+    detector = HEDdetector.from_pretrained(str(folder))
+    detector.netNetwork.to(device)
+    return detector
+
+
 def control_map(control_type: str, image: Image.Image, folder: Path, device: torch.device) -> Image.Image:
     """The control map of `image` for `control_type`, at the image's size (RGB)."""
     folder = Path(folder)
@@ -101,21 +121,18 @@ def control_map(control_type: str, image: Image.Image, folder: Path, device: tor
         lines[pixels.min(axis=2) < 127] = 255
         result = Image.fromarray(lines)
     elif control_type in ("hed", "fakescribbles"):
-        from controlnet_aux import HEDdetector
-
-        detector = HEDdetector.from_pretrained(str(folder))
-        detector.netNetwork.to(device)
+        detector = _annotator("hed", folder, device, lambda: _hed(folder, device))
         result = detector(image, detect_resolution=resolution, image_resolution=resolution,
                           scribble=control_type == "fakescribbles", safe=control_type == "fakescribbles")
     elif control_type == "hough":
         from controlnet_aux import MLSDdetector
 
-        detector = MLSDdetector.from_pretrained(str(folder))
+        detector = _annotator("hough", folder, device, lambda: MLSDdetector.from_pretrained(str(folder)))
         result = detector(image, detect_resolution=resolution, image_resolution=resolution)
     elif control_type == "openpose":
         from controlnet_aux import OpenposeDetector
 
-        detector = OpenposeDetector.from_pretrained(str(folder))
+        detector = _annotator("openpose", folder, device, lambda: OpenposeDetector.from_pretrained(str(folder)))
         result = detector(image, detect_resolution=resolution, image_resolution=resolution)
     elif control_type in ("depth", "normal"):
         depth = estimate_depth(image, folder / "dpt-hybrid-midas", device)
@@ -131,7 +148,8 @@ def estimate_depth(image: Image.Image, folder: Path, device: torch.device) -> np
     """Relative inverse depth (MiDaS convention: near is large), HxW float, at 384 on the short side."""
     from transformers import DPTForDepthEstimation
 
-    model = DPTForDepthEstimation.from_pretrained(str(folder), local_files_only=True).to(device).eval()
+    model = _annotator("depth", folder, device, lambda: DPTForDepthEstimation.from_pretrained(
+        str(folder), local_files_only=True).to(device).eval())
     side = 384
     resized = image.convert("RGB").resize((side, side), Image.Resampling.BICUBIC)
     pixels = torch.from_numpy(np.asarray(resized, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)[None]
@@ -168,7 +186,8 @@ def segment(image: Image.Image, folder: Path, device: torch.device) -> Image.Ima
     from controlnet_aux.util import ade_palette
     from transformers import UperNetForSemanticSegmentation
 
-    model = UperNetForSemanticSegmentation.from_pretrained(str(folder), local_files_only=True).to(device).eval()
+    model = _annotator("seg", folder, device, lambda: UperNetForSemanticSegmentation.from_pretrained(
+        str(folder), local_files_only=True).to(device).eval())
     side = 512
     resized = image.convert("RGB").resize((side, side), Image.Resampling.BICUBIC)
     mean, std = np.array([123.675, 116.28, 103.53]), np.array([58.395, 57.12, 57.375])
