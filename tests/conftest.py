@@ -43,6 +43,17 @@ def local_horde() -> Iterator[LocalHorde]:
     horde.stop()
 
 
+def job_request(**overrides):
+    """A GenerateRequest for a tiny SD1 model with the tests' usual defaults; `overrides` win."""
+    from horde_worker.inference.messages import GenerateRequest
+
+    fields = dict(job_id="j", model_name="tiny", model_path="", baseline="stable_diffusion_1", prompt="a cat",
+                  negative_prompt="", width=128, height=128, steps=4, cfg_scale=7.0, sampler_name="k_euler",
+                  karras=False, seeds=[7])
+    fields.update(overrides)
+    return GenerateRequest(**fields)
+
+
 def wait_for(condition: Callable[[], bool], timeout: float, what: str, interval: float = 1.0) -> None:
     """Poll until `condition()` holds, or fail the test naming `what`."""
     end = time.monotonic() + timeout

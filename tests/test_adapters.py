@@ -20,6 +20,7 @@ from horde_worker.inference.tiny import (
 from horde_worker.inference.tiny_adapters import write_tiny_flux_lora, write_tiny_lora, write_tiny_ti
 from horde_worker.localhorde.civitai import CivitaiModel, LocalCivitai
 from horde_worker.models.civitai import AdapterCache, AdapterUnavailable, pick_trigger
+from tests.conftest import job_request
 
 
 @pytest.fixture(scope="module")
@@ -44,11 +45,7 @@ def files(tmp_path_factory):
 
 
 def request(**overrides) -> GenerateRequest:
-    fields = dict(job_id="j", model_name="tiny", model_path="", baseline="stable_diffusion_1", prompt="a cat",
-                  negative_prompt="blurry", width=128, height=128, steps=3, cfg_scale=7.0, sampler_name="k_euler",
-                  karras=False, seeds=[7])
-    fields.update(overrides)
-    return GenerateRequest(**fields)
+    return job_request(**{"negative_prompt": "blurry", "steps": 3, **overrides})
 
 
 def lora(path, model: float = 1.0, clip: float = 1.0, name: str = "123", inject: str | None = None) -> AdapterFile:

@@ -15,6 +15,7 @@ from horde_worker.inference.messages import GenerateRequest
 from horde_worker.inference.pipelines import load_pipeline
 from horde_worker.inference.tiny import tiny_sd15_components
 from horde_worker.supervisor.jobspec import split_prompt
+from tests.conftest import job_request
 
 
 @pytest.fixture(autouse=True)
@@ -37,11 +38,7 @@ def model(tiny_checkpoint):
 
 
 def request(**overrides) -> GenerateRequest:
-    fields = dict(job_id="j", model_name="tiny", model_path="", baseline="stable_diffusion_1", prompt="a cat",
-                  negative_prompt="", width=256, height=256, steps=4, cfg_scale=7.0, sampler_name="k_euler",
-                  karras=False, seeds=[7])
-    fields.update(overrides)
-    return GenerateRequest(**fields)
+    return job_request(**{"width": 256, "height": 256, **overrides})
 
 
 def test_single_file_round_trip_gives_identical_weights(tiny_checkpoint):

@@ -16,6 +16,7 @@ from horde_worker.inference.generate import generate_images, img2img_steps, nati
 from horde_worker.inference.messages import GenerateRequest
 from horde_worker.inference.pipelines import load_pipeline
 from horde_worker.inference.tiny import write_tiny_checkpoint
+from tests.conftest import job_request
 
 IMAGES = Path(__file__).resolve().parents[2] / "shared" / "data" / "images"
 
@@ -33,11 +34,7 @@ def inpainting_model(tmp_path_factory):
 
 
 def request(**overrides) -> GenerateRequest:
-    fields = dict(job_id="j", model_name="tiny", model_path="", baseline="stable_diffusion_1", prompt="a cat",
-                  negative_prompt="", width=128, height=128, steps=4, cfg_scale=7.0, sampler_name="k_euler",
-                  karras=False, seeds=[7])
-    fields.update(overrides)
-    return GenerateRequest(**fields)
+    return job_request(**overrides)
 
 
 def png(path: Path, size: tuple[int, int] | None = None) -> bytes:

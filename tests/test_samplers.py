@@ -15,6 +15,7 @@ from horde_worker.inference.ksamplers import dpm_adaptive, dpm_fast, dpmpp_2s_an
 from horde_worker.inference.messages import GenerateRequest
 from horde_worker.inference.pipelines import load_pipeline
 from horde_worker.inference.samplers import SAMPLERS, UnsupportedSampler, sampler_refusal
+from tests.conftest import job_request
 
 HORDE_SAMPLERS = ("k_lms k_heun k_euler k_euler_a k_dpm_2 k_dpm_2_a k_dpm_fast k_dpm_adaptive k_dpmpp_2s_a "
                   "k_dpmpp_2m dpmsolver k_dpmpp_sde DDIM lcm").split()
@@ -26,11 +27,7 @@ def model(tiny_checkpoint):
 
 
 def request(**overrides) -> GenerateRequest:
-    fields = dict(job_id="j", model_name="tiny", model_path="", baseline="stable_diffusion_1", prompt="a cat",
-                  negative_prompt="", width=64, height=64, steps=6, cfg_scale=7.0, sampler_name="k_euler",
-                  karras=False, seeds=[7])
-    fields.update(overrides)
-    return GenerateRequest(**fields)
+    return job_request(**{"width": 64, "height": 64, "steps": 6, **overrides})
 
 
 def test_every_horde_sampler_has_its_own_implementation(model):
