@@ -80,16 +80,13 @@ def composite(generated: np.ndarray, sources: Sources) -> np.ndarray:
     if not sources.painting:
         return generated
     size = (generated.shape[1], generated.shape[0])
-    mask = sources.mask.resize(size, Image.Resampling.NEAREST).filter(ImageFilter.GaussianBlur(MASK_FEATHER / 2))
-    weight = np.asarray(mask, dtype=np.float32)[..., None] / 255.0
+    mask = sources.mask.resize(size, Image.Resampling.NEAREST)
+    hard = np.asarray(mask, dtype=np.float32)[..., None] / 255.0
+    feathered = np.asarray(mask.filter(ImageFilter.GaussianBlur(MASK_FEATHER / 2)), dtype=np.float32)[..., None] / 255.0
     # The blur must not leak into kept pixels: only repainted pixels and their feathered edge change.
-    hard = np.asarray(sources.mask.resize(size, Image.Resampling.NEAREST), dtype=np.float32)[..., None] / 255.0
-    weight = np.maximum(weight * (_dilate(hard) > 0), hard)
+    edge = np.asarray(mask.filter(ImageFilter.MaxFilter(2 * (MASK_FEATHER // 2) + 1)))[..., None] > 0
+    weight = np.maximum(feathered * edge, hard)
     source = np.asarray(sources.image.resize(size, Image.Resampling.LANCZOS), dtype=np.float32)
     mixed = generated.astype(np.float32) * weight + source * (1.0 - weight)
     return np.clip(np.rint(mixed), 0, 255).astype(np.uint8)
 
-
-def _dilate(mask: np.ndarray) -> np.ndarray:
-    image = Image.fromarray((mask[..., 0] * 255).astype(np.uint8))
-    return np.asarray(image.filter(ImageFilter.MaxFilter(2 * (MASK_FEATHER // 2) + 1)), dtype=np.float32)[..., None]
