@@ -32,5 +32,7 @@ rem torch-directml brings the torch release it supports.
 if "%MODE%"=="directml" %PIP% torch-directml || exit /b 1
 echo installing the worker
 if "%DEV%"=="1" (%PIP% -e ".[test]" || exit /b 1) else (%PIP% -e . || exit /b 1)
+rem facexlib asks for the GUI build of OpenCV, which clashes with the headless one: no requirements for it
+%PIP% --no-deps facexlib==0.3.0 filterpy==2.0.0 || exit /b 1
 echo %MODE%> .venv\runtime-mode
 echo runtime ready (%MODE%). Start the worker with horde-bridge.cmd

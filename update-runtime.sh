@@ -10,6 +10,8 @@ cd "$(dirname "$0")"
 
 TORCH_VERSION="2.14.1"
 TORCHVISION_VERSION="0.29.1"
+FACEXLIB_VERSION="0.3.0"
+FILTERPY_VERSION="2.0.0"
 ROCM_INDEX="https://download.pytorch.org/whl/rocm6.4"
 mode=""
 dev=0
@@ -54,5 +56,8 @@ if [ "$dev" = 1 ]; then
 else
   "${pip[@]}" -e .
 fi
+# facexlib (face detection and alignment for the face fixers) asks for the GUI build of OpenCV, which
+# clashes with the headless one the worker uses: install it and filterpy without their requirements.
+"${pip[@]}" --no-deps "facexlib==$FACEXLIB_VERSION" "filterpy==$FILTERPY_VERSION"
 echo "$mode" > .venv/runtime-mode
 echo "runtime ready ($mode). Start the worker with ./horde-bridge.sh"

@@ -68,6 +68,7 @@ def slot_specs(devices: list[str], settings: BridgeData, log_dir: Path) -> list[
     for device in devices:
         for _ in range(per_device):
             specs.append(SlotSpec(slot=index, device=device, log_dir=str(log_dir), ram_budget=ram_budget // slots,
+                                  post_process_overlap=settings.post_process_job_overlap,
                                   vram_to_leave_free=settings.vram_to_leave_free, slots_on_device=per_device))
             index += 1
     return specs

@@ -46,8 +46,10 @@ def run_local(settings: BridgeData, args, devices: list[str], console) -> int:
     from horde_worker.models.controlnets import plan_control, ready_setup
 
     control, _missing = plan_control(Path(settings.cache_home), {"stable_diffusion_1"})
+    from horde_worker.models.postprocessors import plan_postprocessors
+
     catalog = ModelCatalog([ServedModel(name, path, baseline) for name, (path, baseline) in local_models.items()],
-                           ready_setup(control))
+                           ready_setup(control), plan_postprocessors(Path(settings.cache_home))[0])
     if args.requests:
         try:
             bodies = load_request_file(args.requests, DEMO_MODEL_NAME)
@@ -62,7 +64,7 @@ def run_local(settings: BridgeData, args, devices: list[str], console) -> int:
     civitai = local_civitai(Path(settings.cache_home)).start()
     settings = settings.model_copy(update={
         "horde_url": horde.url, "api_key": horde.api_key, "civitai_api_url": civitai.url,
-        "allow_lora": True, "allow_controlnet": True,
+        "allow_lora": True, "allow_controlnet": True, "allow_post_processing": True,
         "safety_model": settings.safety_model or str(Path(settings.cache_home) / "compvis" / LOCAL_SAFETY_MODEL),
         "dreamer_name": args.name or LOCAL_NAME_DEFAULT,
     })

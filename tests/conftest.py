@@ -32,6 +32,17 @@ def model_cache(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def postprocessor_cache(tmp_path_factory) -> Path:
+    """Local weights for every post-processor but 4xNomos2_hq_dat2 (whose absence a job must be told of)."""
+    from horde_worker.inference.tiny_postprocess import write_all
+
+    cache = tmp_path_factory.mktemp("postprocessors")
+    write_all(cache)
+    (cache / "esrgan" / "4xNomos2_hq_dat2.safetensors").unlink()
+    return cache
+
+
+@pytest.fixture(scope="session")
 def tiny_checkpoint(model_cache) -> Path:
     return model_cache / "compvis" / "horde-worker-tiny-sd15.safetensors"
 
@@ -99,9 +110,13 @@ class WorkerProcess:
 def start_worker(tmp_path, model_cache) -> Iterator[Callable[..., WorkerProcess]]:
     started: list[WorkerProcess] = []
 
-    def start(horde: LocalHorde, **overrides) -> WorkerProcess:
+    def start(horde: LocalHorde, cache_with: Path | None = None, **overrides) -> WorkerProcess:
         cache = tmp_path / "cache"
         (cache / "compvis").mkdir(parents=True, exist_ok=True)
+        for source in sorted(cache_with.rglob("*")) if cache_with else []:  # other weights, linked in
+            if source.is_file():
+                (cache / source.relative_to(cache_with)).parent.mkdir(parents=True, exist_ok=True)
+                os.link(source, cache / source.relative_to(cache_with))
         demo = model_cache / "compvis" / "horde-worker-tiny-sd15.safetensors"
         target = cache / "compvis" / demo.name
         if not target.exists():
@@ -112,6 +127,8 @@ def start_worker(tmp_path, model_cache) -> Iterator[Callable[..., WorkerProcess]
             "queue_size": 1, "max_batch": 4, "max_power": 8, "stats_output_frequency": 5,
             "limited_console_messages": True, "model_reference_url": "",
             "safety_model": str(model_cache / "clip" / "tiny-clip-clean.safetensors"),
+            # Post-processor weights would be downloaded from the internet: tests that want them link local ones.
+            "allow_post_processing": False,
         }
         settings.update(overrides)
         worker = WorkerProcess(tmp_path, settings)

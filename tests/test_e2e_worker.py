@@ -206,3 +206,23 @@ def test_source_images_arrive_by_url_and_bad_ones_become_gen_metadata(local_hord
         (gen, image), = images_of(local_horde, request_id)
         assert gen["state"] == "ok" and image.shape == (256, 256, 3)
         assert gen["gen_metadata"] == [{"type": "source_image", "value": value}]
+
+
+def test_post_processing_with_overlap_through_the_worker(local_horde, start_worker, postprocessor_cache):
+    # queue_size 1: the second job is already here when the first one's sampling ends.
+    worker = start_worker(local_horde, allow_post_processing=True, post_process_job_overlap=True,
+                          cache_with=postprocessor_cache)
+    ids = [post(local_horde, "a portrait", seed=str(seed), width=128, height=128, facefixer_strength=1.0,
+                post_processing=["RestoreFormer", "RealESRGAN_x4plus", "4xNomos2_hq_dat2"]) for seed in (1, 2)]
+    plain = post(local_horde, "a portrait", seed="1", width=128, height=128)
+    for request_id in (*ids, plain):
+        wait_for(lambda rid=request_id: status(local_horde, rid)["done"], 240, "the post-processing requests")
+    for request_id in ids:
+        (gen, image), = images_of(local_horde, request_id)
+        assert gen["state"] == "ok" and image.shape == (512, 512, 3)  # x4, and DAT-2 weights are not here
+        assert gen["gen_metadata"] == [{"type": "information", "value": "see_ref",
+                                        "ref": "post-processing skipped: 4xNomos2_hq_dat2 has no weights on this worker"}]
+    (_, plain_image), = images_of(local_horde, plain)
+    assert plain_image.shape == (128, 128, 3)
+    log = (worker.folder / "logs" / "bridge.log").read_text()
+    assert log.count("post-processing it while the slot takes the next job") == 2, log[-3000:]

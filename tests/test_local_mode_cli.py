@@ -45,8 +45,8 @@ def test_local_requests_file_is_replayed_into_out(tmp_path, model_cache):
     requests_file.write_text(json.dumps([
         {"prompt": "a red square ### blue", "params": {"n": 2, "steps": 3, "width": 192, "height": 128,
                                                       "seed": "77", "sampler_name": "k_euler"}},
-        {"prompt": "post-processing is not offered yet", "params": {"n": 1, "steps": 3, "width": 128, "height": 128,
-                                                                   "post_processing": ["GFPGAN"]}},
+        {"prompt": "a portrait", "params": {"n": 1, "steps": 3, "width": 64, "height": 64, "facefixer_strength": 1.0,
+                                            "post_processing": ["GFPGAN", "RealESRGAN_x2plus", "strip_background"]}},
         {"prompt": "a castle", "models": ["horde-worker-tiny-sdxl"], "params": {"steps": 3, "width": 128, "height": 128}},
         {"prompt": "a fox ### sea", "models": ["horde-worker-tiny-flux"],
          "params": {"steps": 3, "width": 128, "height": 128, "sampler_name": "k_euler", "cfg_scale": 2.0}},
@@ -77,8 +77,12 @@ def test_local_requests_file_is_replayed_into_out(tmp_path, model_cache):
         assert gen["model"] == "horde-worker-tiny-sd15"
         with Image.open(out / gen["file"]) as image:
             assert image.format == "WEBP" and image.size == (192, 128)
-    # The worker tells the horde it does no post-processing yet, so that request is never handed to it.
-    assert results[1]["generations"] == [] and not results[1]["done"]
+    # Post-processing in the job's order: face fixed, upscaled x2, background cut out (alpha channel).
+    portrait = results[1]["generations"][0]
+    assert results[1]["done"] and portrait["state"] == "ok" and portrait["gen_metadata"] == []
+    with Image.open(out / portrait["file"]) as image:
+        assert image.size == (128, 128) and image.mode == "RGBA"
+        assert np.asarray(image)[:, :, 3].std() > 0
     # Every baseline has a tiny model in local mode.
     for result, model in zip(results[2:5], ["horde-worker-tiny-sdxl", "horde-worker-tiny-flux", "horde-worker-tiny-sd2"],
                              strict=True):

@@ -3,35 +3,23 @@ spandrel from weight files, applied in the job's order, tiled without seams; and
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import pytest
 import torch
 
 from horde_worker.inference.messages import GenerateRequest, SlotSpec
 from horde_worker.inference.postprocess import PostProcessors, upscale
-from horde_worker.models.postprocessors import HORDE_POSTPROCESSORS, PostProcessSetup, plan_postprocessors
-
-
-def write_upscaler(path, scale: int, seed: int):
-    from safetensors.torch import save_file
-    from spandrel.architectures.ESRGAN import ESRGAN
-
-    torch.manual_seed(seed)
-    # Real-ESRGAN x2plus feeds a pixel-unshuffled image to a x4 network; spandrel reads that from the weights.
-    model = ESRGAN(num_filters=16, num_blocks=1, scale=scale, shuffle_factor=2 if scale == 2 else None)
-    last = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)][-1]
-    with torch.no_grad():  # random weights give a near-black picture: lift it into a visible range
-        last.weight.mul_(8.0)
-        last.bias.fill_(0.5)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
-    return path
+from horde_worker.inference.tiny_postprocess import write_all, write_tiny_upscaler
+from horde_worker.models.postprocessors import HORDE_POSTPROCESSORS, plan_postprocessors
 
 
 @pytest.fixture(scope="module")
 def upscalers(tmp_path_factory):
     folder = tmp_path_factory.mktemp("esrgan")
-    return {"x4": str(write_upscaler(folder / "x4.safetensors", 4, 1)),
-            "x2": str(write_upscaler(folder / "x2.safetensors", 2, 2))}
+    return {"x4": str(write_tiny_upscaler(folder / "x4.safetensors", 4, 1)),
+            "x2": str(write_tiny_upscaler(folder / "x2.safetensors", 2, 2))}
 
 
 def picture(height: int = 40, width: int = 56) -> np.ndarray:
@@ -43,10 +31,10 @@ def picture(height: int = 40, width: int = 56) -> np.ndarray:
 def test_scales_and_order(upscalers):
     processors = PostProcessors(torch.device("cpu"), torch.float32)
     image = picture()
-    assert processors.apply(image, [("RealESRGAN_x4plus", upscalers["x4"])]).shape == (160, 224, 3)
-    assert processors.apply(image, [("RealESRGAN_x2plus", upscalers["x2"])]).shape == (80, 112, 3)
-    a = processors.apply(image, [("x2", upscalers["x2"]), ("x4", upscalers["x4"])])
-    b = processors.apply(image, [("x4", upscalers["x4"]), ("x2", upscalers["x2"])])
+    assert processors.apply(image, [("RealESRGAN_x4plus", upscalers["x4"])])[0].shape == (160, 224, 3)
+    assert processors.apply(image, [("RealESRGAN_x2plus", upscalers["x2"])])[0].shape == (80, 112, 3)
+    a, _ = processors.apply(image, [("RealESRGAN_x2plus", upscalers["x2"]), ("RealESRGAN_x4plus", upscalers["x4"])])
+    b, _ = processors.apply(image, [("RealESRGAN_x4plus", upscalers["x4"]), ("RealESRGAN_x2plus", upscalers["x2"])])
     assert a.shape == b.shape == (320, 448, 3)
     assert np.abs(a.astype(int) - b.astype(int)).mean() > 1  # the job's order is the order applied
 
@@ -61,16 +49,94 @@ def test_tiles_leave_no_seams(upscalers):
     assert np.abs(tiled.astype(int) - whole.astype(int)).max() <= 2
 
 
-def test_reference_upscalers_and_what_is_offered(tmp_path):
+def test_reference_files_downloads_and_what_is_offered(tmp_path):
     setup, tasks = plan_postprocessors(tmp_path)
-    names = {task.dest.name for task in tasks}
-    assert {"RealESRGAN_x4plus.pth", "RealESRGAN_x2plus.pth", "RealESRGAN_x4plus_anime_6B.pth", "NMKD_Siax.pth",
-            "4x_AnimeSharp.pth"} <= names
-    assert all(task.sha256 for task in tasks)
-    ready = PostProcessSetup({name: tmp_path / "x" for name in HORDE_POSTPROCESSORS if "GFPGAN" not in name})
-    assert not ready.complete  # face fixers missing: the horde must not be told "post-processing: yes"
-    assert ready.refusal(["RealESRGAN_x4plus", "GFPGAN"]) == "post-processors not available on this worker: GFPGAN"
-    assert ready.refusal(["RealESRGAN_x4plus"]) is None
+    by_name = {task.dest.relative_to(tmp_path).as_posix(): task for task in tasks}
+    assert {"esrgan/RealESRGAN_x4plus.pth", "esrgan/RealESRGAN_x2plus.pth", "esrgan/RealESRGAN_x4plus_anime_6B.pth",
+            "esrgan/NMKD_Siax.pth", "esrgan/4x_AnimeSharp.pth", "gfpgan/GFPGANv1.4.pth",
+            "gfpgan/detection_Resnet50_Final.pth", "gfpgan/parsing_parsenet.pth", "codeformer/CodeFormers.pth",
+            "rembg/u2net.onnx"} == set(by_name)
+    assert all(task.sha256 for name, task in by_name.items() if name != "rembg/u2net.onnx")
+    assert by_name["rembg/u2net.onnx"].md5 and by_name["codeformer/CodeFormers.pth"].url.endswith("codeformer.pth")
+    assert not setup.offered and not setup.files
+    write_all(tmp_path)
+    setup, tasks = plan_postprocessors(tmp_path)
+    assert tasks == [] and setup.offered and all(setup.has(name) for name in HORDE_POSTPROCESSORS)
+    # Weights the reference has no file for are optional: without them the step is skipped, still offered.
+    (tmp_path / "esrgan" / "4xNomos8kSC.safetensors").unlink()
+    setup, _ = plan_postprocessors(tmp_path)
+    assert setup.offered and setup.steps(["4xNomos8kSC", "GFPGAN"])[0] == ("4xNomos8kSC", "")
+    # ...but a missing face detector takes every face fixer away, and the worker stops offering.
+    (tmp_path / "gfpgan" / "detection_Resnet50_Final.pth").unlink()
+    setup, tasks = plan_postprocessors(tmp_path)
+    assert not setup.offered and not setup.has("CodeFormers") and len(tasks) == 1
+
+
+@pytest.fixture(scope="module")
+def face_home(tmp_path_factory):
+    home = tmp_path_factory.mktemp("postprocessors")
+    write_all(home)
+    setup, _ = plan_postprocessors(home)
+    return setup
+
+
+def face_picture(size: int = 128) -> np.ndarray:
+    generator = np.random.default_rng(3)
+    image = np.full((size, size, 3), 90, np.uint8)
+    image[size // 4: 3 * size // 4, size // 4: 3 * size // 4] = 200
+    return np.clip(image + generator.normal(0, 6, image.shape), 0, 255).astype(np.uint8)
+
+
+def test_face_fixers_restore_faces_with_strength(face_home):
+    processors = PostProcessors(torch.device("cpu"), torch.float32)
+    image, face_dir = face_picture(), str(face_home.face_dir)
+    unchanged, _ = processors.apply(image, face_home.steps(["CodeFormers"]), 0.0, face_dir)
+    assert np.array_equal(unchanged, image)  # strength 0: the face fixer does nothing
+    fixer = processors.face_fixer(face_dir)
+    full, faces = fixer.apply(image, str(face_home.files["RestoreFormer"]), 1.0)
+    half, _ = fixer.apply(image, str(face_home.files["RestoreFormer"]), 0.5)
+    assert faces == 1 and full.shape == image.shape
+    changed = np.abs(full.astype(int) - image).max(axis=2) > 3
+    assert 0.02 < changed.mean() < 0.98  # the face's region changed, not the whole picture
+    full_change = np.abs(full.astype(int) - image).mean()
+    assert 0.2 * full_change < np.abs(half.astype(int) - image).mean() < 0.8 * full_change
+    for name in ("GFPGAN", "CodeFormers"):
+        fixed, notes = processors.apply(image, face_home.steps([name]), 1.0, face_dir)
+        assert notes == [] and np.abs(fixed.astype(int) - image).mean() > 1, name
+
+
+def test_order_of_face_fixing_and_upscaling_matters(face_home):
+    processors = PostProcessors(torch.device("cpu"), torch.float32)
+    image, face_dir = face_picture(64), str(face_home.face_dir)
+    fix_then_up, _ = processors.apply(image, face_home.steps(["RestoreFormer", "RealESRGAN_x2plus"]), 1.0, face_dir)
+    up_then_fix, _ = processors.apply(image, face_home.steps(["RealESRGAN_x2plus", "RestoreFormer"]), 1.0, face_dir)
+    assert fix_then_up.shape == up_then_fix.shape == (128, 128, 3)
+    assert np.abs(fix_then_up.astype(int) - up_then_fix).mean() > 2
+
+
+def test_strip_background_gives_transparent_webp(face_home):
+    from PIL import Image
+
+    from horde_worker.supervisor.jobspec import encode_webp
+
+    processors = PostProcessors(torch.device("cpu"), torch.float32)
+    image = np.full((96, 128, 3), 30, np.uint8)
+    image[24:72, 32:96] = 230  # the tiny remover takes what is bright for the subject
+    cut, notes = processors.apply(image, face_home.steps(["strip_background", "RealESRGAN_x2plus"]))
+    assert notes == [] and cut.shape == (192, 256, 4)
+    assert cut[96, 128, 3] > 240 and cut[10, 10, 3] < 15
+    with Image.open(io.BytesIO(encode_webp(cut))) as decoded:
+        assert decoded.mode == "RGBA" and decoded.size == (256, 192)
+        alpha = np.asarray(decoded)[:, :, 3]
+    assert alpha[96, 128] > 240 and alpha[10, 10] < 15
+
+
+def test_missing_weights_skip_the_step_and_say_so(upscalers):
+    processors = PostProcessors(torch.device("cpu"), torch.float32)
+    image = picture()
+    out, notes = processors.apply(image, [("4xNomos2_hq_dat2", ""), ("RealESRGAN_x2plus", upscalers["x2"])])
+    assert out.shape == (80, 112, 3)
+    assert notes == [("information", "see_ref", "post-processing skipped: 4xNomos2_hq_dat2 has no weights on this worker")]
 
 
 def test_runner_post_processes_after_generation(tiny_checkpoint, upscalers, tmp_path):
@@ -83,3 +149,40 @@ def test_runner_post_processes_after_generation(tiny_checkpoint, upscalers, tmp_
                               post_processing=[("RealESRGAN_x4plus", upscalers["x4"])])
     result = runner.generate(request, send=lambda message: None)
     assert [img.shape for img in result.images] == [(256, 256, 3), (256, 256, 3)]
+
+
+def test_overlap_samples_the_next_job_while_one_is_post_processed(tiny_checkpoint, face_home, tmp_path):
+    import threading
+
+    from horde_worker.inference.messages import GenerateResult, Progress, SamplingDone
+    from horde_worker.inference.runner import ModelRunner
+
+    runner = ModelRunner(SlotSpec(slot=0, device="cpu", log_dir=str(tmp_path), post_process_overlap=True))
+    messages, done = [], threading.Event()
+
+    def send(message) -> None:
+        messages.append(message)
+        if isinstance(message, GenerateResult) and message.job_id == "second":
+            done.set()
+
+    def request(job_id: str):
+        return GenerateRequest(job_id=job_id, model_name="tiny", model_path=str(tiny_checkpoint),
+                               baseline="stable_diffusion_1", prompt="a face", negative_prompt="", width=64,
+                               height=64, steps=2, cfg_scale=7.0, sampler_name="k_euler", karras=False, seeds=[1],
+                               post_processing=face_home.steps(["RestoreFormer", "RealESRGAN_x2plus"]),
+                               facefixer_strength=1.0, extra={"face_dir": str(face_home.face_dir)})
+
+    assert runner.generate(request("first"), send) is None  # handed to the post-processing thread
+    assert runner.generate(request("second"), send) is None
+    assert done.wait(120)
+    runner.close()
+    kinds = [(type(m).__name__, m.job_id) for m in messages]
+    first_result = kinds.index(("GenerateResult", "first"))
+    # The second job sampled (its progress came) while the first was still being post-processed.
+    assert kinds.index(("Progress", "second")) < first_result
+    assert kinds.index(("SamplingDone", "first")) < kinds.index(("Progress", "second"))
+    assert kinds.index(("SamplingDone", "second")) > first_result  # one job post-processes at a time
+    results = [m for m in messages if isinstance(m, GenerateResult)]
+    assert [r.images[0].shape for r in results] == [(128, 128, 3), (128, 128, 3)]
+    assert all(r.postprocess_seconds > 0 for r in results)
+    assert all(isinstance(m, Progress | SamplingDone | GenerateResult) for m in messages)

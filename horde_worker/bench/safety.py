@@ -18,6 +18,8 @@ from pathlib import Path
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--weights", type=Path, help="CLIP weights (default: a tiny CLIP, harness check only)")
+    parser.add_argument("--full-size", action="store_true",
+                        help="write a ViT-L/14 (the horde's safety CLIP architecture) with random weights and use it")
     parser.add_argument("--device", default="cpu", help="cpu, or cuda:0 as with safety_on_gpu")
     parser.add_argument("--sizes", default="512,1024")
     parser.add_argument("--count", type=int, default=10, help="checks per size, after one warm-up")
@@ -29,6 +31,8 @@ def main(argv: list[str] | None = None) -> int:
 
     work = Path(tempfile.mkdtemp(prefix="horde-safety-bench-"))
     weights = args.weights
+    if weights is None and args.full_size:
+        weights = write_full_size_clip(work / "ViT-L-14-random.safetensors")
     if weights is None:
         from horde_worker.safety.tiny import write_tiny_clip
 
@@ -53,6 +57,18 @@ def main(argv: list[str] | None = None) -> int:
         client.stop()
     print(json.dumps(report, indent=2))
     return 0
+
+
+def write_full_size_clip(path: Path) -> Path:
+    """ViT-L/14 of open_clip with random weights, and its config beside it as the loader expects."""
+    import open_clip
+    from safetensors.torch import save_file
+
+    config = open_clip.get_model_config("ViT-L-14")
+    path.with_suffix(".json").write_text(json.dumps(config))
+    model = open_clip.create_model("ViT-L-14", pretrained=None)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return path
 
 
 if __name__ == "__main__":

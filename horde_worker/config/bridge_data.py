@@ -30,8 +30,6 @@ MODEL_KEYS = frozenset({"models_to_load", "models_to_skip", "custom_models", "lo
 
 # Accepted for compatibility, not acted on yet: each says so at start when set.
 NOT_YET_HONOURED: dict[str, str] = {
-    "allow_post_processing": "upscalers are downloaded and ready, but face fixers and strip_background are not built "
-                             "yet, so the horde is told this worker does no post-processing",
     "allow_sdxl_controlnet": "the horde's reference has no SDXL ControlNet for the nine control types; the horde "
                              "is told this worker does no SDXL ControlNet",
     "purge_loras_on_download": "the LoRA cache is trimmed by max_lora_cache_size (least recently used first)",
@@ -40,7 +38,6 @@ NOT_YET_HONOURED: dict[str, str] = {
     "moderate_performance_mode": "performance modes are not built yet",
     "unload_models_from_vram_often": "model residency options are not built yet",
     "very_fast_disk_mode": "model residency options are not built yet",
-    "post_process_job_overlap": "post-processing is not supported yet",
     "exit_on_unhandled_faults": "faulted jobs are always submitted and the worker keeps running",
 }
 

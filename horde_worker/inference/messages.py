@@ -22,6 +22,8 @@ class SlotSpec:
     ram_budget: int | None = None
     vram_to_leave_free: str = "20%"
     slots_on_device: int = 1
+    # post_process_job_overlap: post-process a job on a side thread while the next job samples.
+    post_process_overlap: bool = False
 
 
 @dataclass(frozen=True)
@@ -136,6 +138,17 @@ class GenerateResult:
     resident_bytes: int = 0
     # (type, value, ref) gen_metadata entries found while generating (e.g. a LoRA that does not fit).
     notes: list[tuple[str, str, str | None]] = field(default_factory=list)
+    postprocess_seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class SamplingDone:
+    """With post-processing overlap: the job's diffusion is over and the slot takes its next job, while
+    this one is post-processed; its GenerateResult (or GenerateFailed) follows."""
+
+    job_id: str
+    sample_seconds: float
+    resident_models: list[str]
 
 
 @dataclass(frozen=True)

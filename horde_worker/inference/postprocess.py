@@ -1,9 +1,11 @@
 """Post-processing of finished images, in the order the job lists them.
 
 Upscalers are loaded by spandrel, which recognises the architecture (ESRGAN, Real-ESRGAN with
-its pixel-unshuffle, the 6-block anime variant, ...) from the weights themselves. Large images are
-upscaled in overlapping tiles, each tile's border discarded, so memory stays bounded whatever
-the image size and no seam shows.
+its pixel-unshuffle, the 6-block anime variant, SPAN, RealPLKSR, DAT, ...) from the weights
+themselves. Large images are upscaled in overlapping tiles, each tile's border discarded, so
+memory stays bounded whatever the image size and no seam shows. Face fixers (`facefix.py`) and
+background removal (`background.py`) take the same place in the chain; a step whose weights this
+worker does not have is skipped and the image says so in gen_metadata.
 """
 
 from __future__ import annotations
@@ -13,8 +15,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from horde_worker.models.postprocessors import kind_of
+
 TILE = 512
 OVERLAP = 32
+Note = tuple[str, str, str]
 
 
 class PostProcessors:
@@ -23,6 +28,8 @@ class PostProcessors:
     def __init__(self, device: torch.device, dtype: torch.dtype) -> None:
         self.device, self.dtype = device, dtype
         self._models: dict[str, object] = {}
+        self._face_fixer = None
+        self._background = None
 
     def model(self, path: str):
         if path not in self._models:
@@ -35,11 +42,46 @@ class PostProcessors:
             self._models = {path: descriptor}  # one at a time: they are small, VRAM is not
         return self._models[path]
 
-    def apply(self, image: np.ndarray, names_and_paths: list[tuple[str, str]]) -> np.ndarray:
-        """Run each post-processor in turn on an HxWx3 uint8 image."""
-        for _name, path in names_and_paths:
-            image = upscale(self.model(path), image, self.device)
-        return image
+    def face_fixer(self, face_dir: str):
+        if self._face_fixer is None:
+            from horde_worker.inference.facefix import FaceFixer
+
+            self._face_fixer = FaceFixer(face_dir, self.device)
+        return self._face_fixer
+
+    def apply(self, image: np.ndarray, steps: list[tuple[str, str]], facefixer_strength: float | None = None,
+              face_dir: str = "") -> tuple[np.ndarray, list[Note]]:
+        """Run each post-processor in turn on an HxWx3 (or x4 once the background is gone) uint8 image."""
+        notes: list[Note] = []
+        for name, path in steps:
+            if not path:
+                notes.append(("information", "see_ref", f"post-processing skipped: {name} has no weights on this worker"))
+                continue
+            kind = kind_of(name)
+            if kind == "background":
+                if self._background is None:
+                    from horde_worker.inference.background import BackgroundRemover
+
+                    self._background = BackgroundRemover()
+                image = self._background.apply(image, path)
+            elif kind == "facefixer":
+                rgb, _faces = self.face_fixer(face_dir).apply(np.ascontiguousarray(image[:, :, :3]), path,
+                                                              facefixer_strength)
+                image = with_alpha(rgb, image)
+            else:
+                rgb = upscale(self.model(path), np.ascontiguousarray(image[:, :, :3]), self.device)
+                image = with_alpha(rgb, image)
+        return image, notes
+
+
+def with_alpha(rgb: np.ndarray, original: np.ndarray) -> np.ndarray:
+    """`rgb` with the original's alpha channel, resized to match, when it had one."""
+    if original.shape[2] < 4:
+        return rgb
+    from PIL import Image
+
+    alpha = Image.fromarray(original[:, :, 3]).resize((rgb.shape[1], rgb.shape[0]), Image.Resampling.LANCZOS)
+    return np.dstack([rgb, np.asarray(alpha)])
 
 
 def upscale(descriptor, image: np.ndarray, device: torch.device, tile: int = TILE, overlap: int = OVERLAP) -> np.ndarray:

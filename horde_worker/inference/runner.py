@@ -12,6 +12,8 @@ import queue
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
+from dataclasses import replace
 from pathlib import Path
 
 from horde_worker.inference.messages import (
@@ -21,6 +23,7 @@ from horde_worker.inference.messages import (
     Preload,
     Preloaded,
     Progress,
+    SamplingDone,
     Shutdown,
     SlotReady,
     SlotSpec,
@@ -57,6 +60,9 @@ class ModelRunner:
             device_budget = max(0, total - parse_amount(spec.vram_to_leave_free, total)) // max(1, spec.slots_on_device)
         self.residency = Residency(self.device, self.dtype, spec.ram_budget, device_budget)
         self.postprocessors = None
+        self.overlap = spec.post_process_overlap
+        self._post_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="postprocess")
+        self._post_free = threading.Semaphore(1)
 
     def device_name(self) -> str:
         import torch
@@ -73,8 +79,9 @@ class ModelRunner:
             error = f"{type(exc).__name__}: {exc}"
         return Preloaded(message.model_name, seconds, self.residency.names(), error)
 
-    def generate(self, request: GenerateRequest, send) -> GenerateResult:
-        """Run one job and return its images."""
+    def generate(self, request: GenerateRequest, send) -> GenerateResult | None:
+        """Run one job and return its images; with overlap and post-processing to do, send SamplingDone,
+        hand the rest to the post-processing thread (which sends the result) and return None."""
         import torch
 
         from horde_worker.inference.generate import run_job
@@ -84,13 +91,7 @@ class ModelRunner:
         start = time.perf_counter()
         with torch.inference_mode():
             output = run_job(loaded, request, on_step=lambda s, t: send(Progress(request.job_id, s, t)))
-        if request.post_processing:
-            if self.postprocessors is None:
-                from horde_worker.inference.postprocess import PostProcessors
-
-                self.postprocessors = PostProcessors(self.device, self.dtype)
-            output.images = [self.postprocessors.apply(img, request.post_processing) for img in output.images]
-        return GenerateResult(
+        result = GenerateResult(
             job_id=request.job_id,
             images=output.images,
             notes=output.notes,
@@ -100,6 +101,53 @@ class ModelRunner:
             load_source=source,
             resident_bytes=self.residency.ram_bytes(),
         )
+        if not request.post_processing:
+            return result
+        if not self.overlap:
+            return self.post_process(request, result)
+        # One job post-processes beside the sampling one at most: wait here (GPU slot still held) until
+        # the previous one is done, so images do not pile up in memory when post-processing is slower.
+        self._post_free.acquire()
+        send(SamplingDone(request.job_id, result.sample_seconds, result.resident_models))
+
+        def finish() -> None:
+            try:
+                send(self.post_process(request, result))
+            except Exception as exc:
+                from loguru import logger
+
+                logger.exception("post-processing of job {} failed", request.job_id)
+                send(GenerateFailed(request.job_id, f"post-processing: {type(exc).__name__}: {exc}",
+                                    self.residency.names()))
+            finally:
+                self._post_free.release()
+
+        self._post_thread.submit(finish)
+        return None
+
+    def close(self) -> None:
+        """Let a job being post-processed get its result out before the process ends."""
+        self._post_thread.shutdown(wait=True)
+
+    def post_process(self, request: GenerateRequest, result: GenerateResult) -> GenerateResult:
+        """The result with each image post-processed in the job's order."""
+        import torch
+
+        if self.postprocessors is None:
+            from horde_worker.inference.postprocess import PostProcessors
+
+            self.postprocessors = PostProcessors(self.device, self.dtype)
+        start = time.perf_counter()
+        # On a GPU the side thread uses its own stream, so its kernels can run beside the sampler's.
+        stream = torch.cuda.Stream(self.device) if self.overlap and self.device.type == "cuda" else None
+        with torch.inference_mode(), (torch.cuda.stream(stream) if stream is not None else nullcontext()):
+            finished = [self.postprocessors.apply(img, request.post_processing, request.facefixer_strength,
+                                                  request.extra.get("face_dir", "")) for img in result.images]
+            if stream is not None:
+                stream.synchronize()
+        notes = [*result.notes, *dict.fromkeys(note for _, notes in finished for note in notes)]
+        return replace(result, images=[image for image, _ in finished], notes=notes,
+                       postprocess_seconds=time.perf_counter() - start, resident_models=self.residency.names())
 
 
 def slot_main(conn, spec: SlotSpec) -> None:
@@ -152,9 +200,12 @@ def slot_main(conn, spec: SlotSpec) -> None:
             logger.warning("unknown message {!r}", message)
             continue
         try:
-            send(runner.generate(message, send))
+            result = runner.generate(message, send)
+            if result is not None:
+                send(result)
         except Exception as exc:
             logger.exception("job {} failed", message.job_id)
             send(GenerateFailed(message.job_id, f"{type(exc).__name__}: {exc}", runner.residency.names()))
     loader.shutdown(wait=False, cancel_futures=True)
+    runner.close()
     logger.info("slot {} exits", spec.slot)

@@ -204,6 +204,8 @@ LOCAL_ADAPTER_DIR = "local-adapters"
 # Local mode's safety model: a tiny CLIP that finds nothing unsafe in any image (see safety/tiny.py).
 LOCAL_SAFETY_MODEL = "horde-worker-tiny-clip.safetensors"
 LOCAL_CONTROL_MARKER = ".local-mode-complete"
+# Written under cache_home once every post-processor has local weights (tiny_postprocess.write_all).
+LOCAL_POSTPROCESS_MARKER = ".local-postprocessors-complete"
 
 
 def _write_local_control(folder: Path) -> None:
@@ -222,6 +224,11 @@ def _write_local_models(folder: Path) -> None:
 
     write_local_adapters(folder / LOCAL_ADAPTER_DIR)
     _write_local_control(folder.parent / "controlnet")
+    if not (folder.parent / LOCAL_POSTPROCESS_MARKER).exists():
+        from horde_worker.inference.tiny_postprocess import write_all
+
+        write_all(folder.parent)
+        (folder.parent / LOCAL_POSTPROCESS_MARKER).write_text("tiny post-processors of local mode\n")
     if not (folder / LOCAL_SAFETY_MODEL).exists():
         from horde_worker.safety.tiny import write_tiny_clip
 
@@ -245,6 +252,7 @@ def ensure_local_models(models_dir: Path) -> dict[str, tuple[Path, str]]:
     adapters = [folder / LOCAL_ADAPTER_DIR / entry[3] for entry in LOCAL_ADAPTERS.values()]
     control_done = folder.parent / "controlnet" / LOCAL_CONTROL_MARKER
     if (not all((folder / f).exists() for f, _ in LOCAL_MODELS.values()) or not all(p.exists() for p in adapters)
-            or not control_done.exists() or not (folder / LOCAL_SAFETY_MODEL).exists()):
+            or not control_done.exists() or not (folder / LOCAL_SAFETY_MODEL).exists()
+            or not (folder.parent / LOCAL_POSTPROCESS_MARKER).exists()):
         _create_in_child(_write_local_models, folder, "the local models")
     return {name: (folder / file_name, baseline) for name, (file_name, baseline) in LOCAL_MODELS.items()}

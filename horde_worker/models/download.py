@@ -33,6 +33,8 @@ class DownloadTask:
     dest: Path
     sha256: str | None
     size: int | None = None
+    # Only where the publisher gives no sha256 (rembg's models): checked the same way.
+    md5: str | None = None
 
 
 def civitai_headers(url: str, token: str | None) -> dict[str, str]:
@@ -53,7 +55,11 @@ def check_free_space(folder: Path, needed: int, margin: int = 1 << 30) -> None:
 
 
 def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
+    return file_digest(path, "sha256")
+
+
+def file_digest(path: Path, algorithm: str) -> str:
+    digest = hashlib.new(algorithm)
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(CHUNK), b""):
             digest.update(block)
@@ -116,6 +122,12 @@ def download(task: DownloadTask, *, token: str | None = None, session: requests.
         if actual.lower() != task.sha256.lower():
             part.unlink(missing_ok=True)
             raise DownloadError(f"{dest.name}: sha256 mismatch (expected {task.sha256.lower()}, got {actual}); "
+                                "the damaged download was deleted")
+    elif task.md5:
+        actual = file_digest(part, "md5")
+        if actual.lower() != task.md5.lower():
+            part.unlink(missing_ok=True)
+            raise DownloadError(f"{dest.name}: md5 mismatch (expected {task.md5.lower()}, got {actual}); "
                                 "the damaged download was deleted")
     part.replace(dest)
     return dest

@@ -1,10 +1,12 @@
 """The horde's post-processors: which this worker has, where their weights go, fetching them.
 
-Upscaler weights come from the horde's `esrgan.json` reference (shipped snapshot), downloaded
-into `cache_home/esrgan/` with the verified, resumable downloader and sha256. Face fixers and
-background removal are not built yet, so the worker tells the real horde it does no
-post-processing (`allow_post_processing: false`) until every horde post-processor is here:
-the horde would otherwise send jobs this worker can only fault.
+Weights named by the horde's reference (`esrgan.json`, `gfpgan.json`, `codeformer.json`, shipped
+snapshots) are downloaded into `cache_home/` with the verified, resumable downloader and their
+sha256; background removal uses rembg's U^2-Net, checked by the md5 rembg publishes. The horde
+also sends eight names the reference has no file for (GFPGANv1.3, RestoreFormer and six newer
+upscalers): the worker runs them when their weights are placed by hand under `cache_home`
+(spandrel recognises the architectures), and otherwise delivers the image without that step and
+says so in gen_metadata.
 """
 
 from __future__ import annotations
@@ -15,74 +17,130 @@ from pathlib import Path
 
 from horde_worker.models.download import DownloadTask
 
-SNAPSHOT = Path(__file__).parent / "data" / "esrgan.json"
-# Every post-processor a horde job can name.
-HORDE_POSTPROCESSORS = (
-    "GFPGAN", "GFPGANv1.3", "RestoreFormer", "CodeFormers", "RealESRGAN_x4plus", "RealESRGAN_x2plus",
-    "RealESRGAN_x4plus_anime_6B", "NMKD_Siax", "4x_AnimeSharp", "4xNomos8kSC", "4xLSDIRplus",
-    "4xNomosWebPhoto_RealPLKSR", "4xNomos2_realplksr_dysample", "4xNomos2_hq_dat2", "2xModernSpanimationV1",
-    "strip_background",
+DATA = Path(__file__).parent / "data"
+
+FACE_FIXERS = ("GFPGAN", "GFPGANv1.3", "RestoreFormer", "CodeFormers")
+UPSCALERS = (
+    "RealESRGAN_x4plus", "RealESRGAN_x2plus", "RealESRGAN_x4plus_anime_6B", "NMKD_Siax", "4x_AnimeSharp",
+    "4xNomos8kSC", "4xLSDIRplus", "4xNomosWebPhoto_RealPLKSR", "4xNomos2_realplksr_dysample", "4xNomos2_hq_dat2",
+    "2xModernSpanimationV1",
 )
+STRIP_BACKGROUND = "strip_background"
+# Every post-processor a horde job can name.
+HORDE_POSTPROCESSORS = (*FACE_FIXERS, *UPSCALERS, STRIP_BACKGROUND)
+
+# The face detector and face parser every face fixer runs around its restorer (listed in gfpgan.json).
+FACE_HELPER_FILES = ("detection_Resnet50_Final.pth", "parsing_parsenet.pth")
+FACE_DIR = "gfpgan"
+# Where a name's weights live when the reference gives no file for it: placed there by hand.
+BY_HAND = {
+    "GFPGANv1.3": ("gfpgan", ("GFPGANv1.3.pth",)),
+    "RestoreFormer": ("gfpgan", ("RestoreFormer.pth",)),
+    **{name: ("esrgan", (f"{name}.pth", f"{name}.safetensors")) for name in UPSCALERS[5:]},
+}
+REFERENCE_FOLDERS = {"esrgan.json": "esrgan", "gfpgan.json": FACE_DIR, "codeformer.json": "codeformer"}
+# rembg's general-purpose U^2-Net and the md5 rembg itself checks it against.
+U2NET = DownloadTask("https://github.com/danielgatis/rembg/releases/download/v0.0.0/u2net.onnx",
+                     Path("rembg") / "u2net.onnx", None, md5="60024c5c889badc19c04ad937298a77b")
 
 
-# What this worker can run so far: the upscalers. Face fixers and strip_background are not built.
-IMPLEMENTED = frozenset({"RealESRGAN_x4plus", "RealESRGAN_x2plus", "RealESRGAN_x4plus_anime_6B", "NMKD_Siax",
-                         "4x_AnimeSharp", "4xNomos8kSC", "4xLSDIRplus", "4xNomosWebPhoto_RealPLKSR",
-                         "4xNomos2_realplksr_dysample", "4xNomos2_hq_dat2", "2xModernSpanimationV1"})
-
-
-def all_postprocessors_implemented() -> bool:
-    return set(HORDE_POSTPROCESSORS) <= IMPLEMENTED
+def kind_of(name: str) -> str:
+    """"facefixer", "upscaler" or "background"."""
+    if name in FACE_FIXERS:
+        return "facefixer"
+    return "background" if name == STRIP_BACKGROUND else "upscaler"
 
 
 @dataclass(frozen=True)
-class PostProcessorFile:
-    """The weights of one upscaler in the reference."""
+class ReferenceFile:
+    """One file a reference entry needs."""
 
-    name: str
-    file_name: str
+    name: str  # the post-processor it belongs to
+    relative: Path  # under cache_home
     url: str
     sha256: str | None
 
 
-def reference_upscalers(data: dict | None = None) -> list[PostProcessorFile]:
-    """The upscalers of the reference that are horde post-processor names."""
-    data = data if data is not None else json.loads(SNAPSHOT.read_text())
+def reference_files(snapshots: dict[str, dict] | None = None) -> list[ReferenceFile]:
+    """The files of the reference's post-processors that this worker uses."""
     found = []
-    for name, entry in data.items():
-        if name not in HORDE_POSTPROCESSORS:
-            continue
-        hashes = {f.get("path"): f.get("sha256sum") for f in entry.get("config", {}).get("files", [])}
-        for download in entry.get("config", {}).get("download", [])[:1]:
-            found.append(PostProcessorFile(name, download["file_name"], download["file_url"],
-                                           hashes.get(download["file_name"])))
+    for file_name, folder in REFERENCE_FOLDERS.items():
+        data = (snapshots or {}).get(file_name) or json.loads((DATA / file_name).read_text())
+        for name, entry in data.items():
+            if name not in HORDE_POSTPROCESSORS:
+                continue
+            config = entry.get("config", {})
+            hashes = {f.get("path"): f.get("sha256sum") for f in config.get("files", [])}
+            downloads = config.get("download", [])
+            if name in FACE_FIXERS:  # the restorer, then the shared helpers; not the other detectors
+                wanted = [downloads[0]] + [d for d in downloads if d["file_name"] in FACE_HELPER_FILES]
+            else:
+                wanted = downloads[:1]
+            for download in wanted:
+                found.append(ReferenceFile(name, Path(folder) / hashes_key(download, hashes), download["file_url"],
+                                           hashes.get(hashes_key(download, hashes))))
     return found
+
+
+def hashes_key(download: dict, hashes: dict[str, str | None]) -> str:
+    """The file name a download is stored under: its name in `files` (CodeFormers.pth, not codeformer.pth)."""
+    name = download["file_name"]
+    if name in hashes or len(hashes) != 1:
+        return name
+    return next(iter(hashes))
 
 
 @dataclass
 class PostProcessSetup:
-    """Post-processor name -> weights on disk."""
+    """Post-processor name -> weights on disk, and what is missing."""
 
     files: dict[str, Path] = field(default_factory=dict)
+    face_dir: Path | None = None  # the detector and parser, when both are here
+    # Post-processors whose files the reference (or rembg) provides but which are not here.
+    missing_downloadable: set[str] = field(default_factory=set)
+
+    def has(self, name: str) -> bool:
+        if name in FACE_FIXERS:
+            return name in self.files and self.face_dir is not None
+        return name in self.files
 
     @property
-    def complete(self) -> bool:
-        """Every horde post-processor is here: only then is post-processing offered to the horde."""
-        return all(name in self.files for name in HORDE_POSTPROCESSORS)
+    def offered(self) -> bool:
+        """Everything the worker can fetch is here: only then is post-processing offered to the horde."""
+        downloadable = {f.name for f in reference_files()} | {STRIP_BACKGROUND}
+        return not self.missing_downloadable and all(self.has(name) for name in downloadable)
 
-    def refusal(self, names: list[str]) -> str | None:
-        missing = [name for name in names if name not in self.files]
-        return f"post-processors not available on this worker: {', '.join(missing)}" if missing else None
+    def steps(self, names: list[str]) -> list[tuple[str, str]]:
+        """(name, weights path or "" when not on this worker) in the job's order."""
+        return [(name, str(self.files[name]) if self.has(name) else "") for name in names]
 
 
 def plan_postprocessors(cache_home: Path) -> tuple[PostProcessSetup, list[DownloadTask]]:
-    """Upscaler weights present, and those to fetch."""
-    folder = Path(cache_home) / "esrgan"
+    """Post-processor weights present, and those to fetch."""
+    cache_home = Path(cache_home)
     setup, tasks = PostProcessSetup(), []
-    for upscaler in reference_upscalers():
-        path = folder / upscaler.file_name
-        if path.exists():
-            setup.files[upscaler.name] = path
-        else:
-            tasks.append(DownloadTask(upscaler.url, path, upscaler.sha256))
+    for item in reference_files():
+        path = cache_home / item.relative
+        if not path.exists():
+            tasks.append(DownloadTask(item.url, path, item.sha256))
+            setup.missing_downloadable.add(item.name)
+        elif item.relative.name not in FACE_HELPER_FILES:
+            setup.files[item.name] = path
+    face_dir = cache_home / FACE_DIR
+    if all((face_dir / name).exists() for name in FACE_HELPER_FILES):
+        setup.face_dir = face_dir
+    for name, (folder, candidates) in BY_HAND.items():
+        for candidate in candidates:
+            if (cache_home / folder / candidate).exists():
+                setup.files[name] = cache_home / folder / candidate
+                break
+    u2net = cache_home / U2NET.dest
+    if u2net.exists():
+        setup.files[STRIP_BACKGROUND] = u2net
+    else:
+        tasks.append(DownloadTask(U2NET.url, u2net, None, md5=U2NET.md5))
+        setup.missing_downloadable.add(STRIP_BACKGROUND)
+    for name in list(setup.files):
+        if name in setup.missing_downloadable:
+            del setup.files[name]  # a face fixer without its helpers is not usable yet
     return setup, tasks

@@ -10,7 +10,7 @@ from horde_worker.config.bridge_data import BridgeData
 from horde_worker.models.catalog import CatalogPlan, ModelCatalog, ServedModel, plan_catalog
 from horde_worker.models.controlnets import CONTROL_BASELINES, ControlSetup, plan_control, ready_setup
 from horde_worker.models.download import download_all
-from horde_worker.models.postprocessors import PostProcessSetup, all_postprocessors_implemented, plan_postprocessors
+from horde_worker.models.postprocessors import HORDE_POSTPROCESSORS, PostProcessSetup, plan_postprocessors
 from horde_worker.models.reference import ModelReference, load_reference
 
 
@@ -73,19 +73,17 @@ def prepare_models(settings: BridgeData, show_progress: bool = True) -> tuple[Mo
 
 
 def prepare_postprocessors(settings: BridgeData, show_progress: bool) -> tuple[PostProcessSetup, list[str]]:
-    """The reference's upscalers: downloaded only once post-processing can be offered at all (every horde
-    post-processor implemented), since the horde cannot be told which ones a worker has."""
+    """The reference's upscalers and face fixers and rembg's U^2-Net, downloaded if missing."""
     setup, tasks = plan_postprocessors(Path(settings.cache_home))
     notices: list[str] = []
-    if not all_postprocessors_implemented():
-        # Said, not counted as a problem: nothing failed, the capability is simply not offered yet.
-        logger.info("allow_post_processing: face fixers and strip_background are not built yet, so the horde is told "
-                    "this worker does no post-processing")
-        return setup, notices
     if tasks:
-        logger.info("allow_post_processing: downloading {} upscaler(s)", len(tasks))
+        logger.info("allow_post_processing: downloading {} post-processor file(s)", len(tasks))
         notices += download_all(tasks, show_progress=show_progress)
         setup, _ = plan_postprocessors(Path(settings.cache_home))
+    absent = [name for name in HORDE_POSTPROCESSORS if not setup.has(name)]
+    if absent:
+        logger.info("post-processors without weights here (skipped when a job asks, and said so in gen_metadata): {}",
+                    ", ".join(absent))
     return setup, notices
 
 

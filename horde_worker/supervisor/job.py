@@ -1,11 +1,12 @@
-"""A job's life: one explicit state machine.
+r"""A job's life: one explicit state machine.
 
 A job is one pop: `n_iter` images of one request, submitted as one horde id each.
 
     POPPED -> INPUTS_READY -> QUEUED -> RUNNING -> GENERATED -> CHECKED -> ENCODED -> UPLOADED -> SUBMITTED
-                                 ^          |                                  |
-                                 +----------+ (slot died, TTL left)            +------------> SUBMITTED
-                                                    (safety-checked: censored if must be) (upload failed: base64)
+                                 ^          |    \               ^                 |
+                                 +----------+     POSTPROCESSING -+                 +------------> SUBMITTED
+                        (slot died, TTL left)  (overlap: the slot      (safety-checked: censored if must be)
+                                                samples the next job)  (upload failed: base64)
     any unfinished state -> FAULTED(reason) -> SUBMITTED   (submitted as faulted)
     any unfinished state -> ABANDONED                      (the horde aborted it or never knew it)
 
@@ -29,6 +30,7 @@ class JobState(str, Enum):
     INPUTS_READY = "inputs_ready"
     QUEUED = "queued"
     RUNNING = "running"
+    POSTPROCESSING = "postprocessing"
     GENERATED = "generated"
     CHECKED = "checked"
     ENCODED = "encoded"
@@ -46,7 +48,8 @@ _MOVES: dict[JobState, set[JobState]] = {
     JobState.POPPED: {JobState.INPUTS_READY},
     JobState.INPUTS_READY: {JobState.QUEUED},
     JobState.QUEUED: {JobState.RUNNING},
-    JobState.RUNNING: {JobState.GENERATED, JobState.QUEUED},
+    JobState.RUNNING: {JobState.GENERATED, JobState.POSTPROCESSING, JobState.QUEUED},
+    JobState.POSTPROCESSING: {JobState.GENERATED, JobState.QUEUED},
     JobState.GENERATED: {JobState.CHECKED},
     JobState.CHECKED: {JobState.ENCODED},
     JobState.ENCODED: {JobState.UPLOADED, JobState.SUBMITTED},

@@ -50,8 +50,6 @@ def unsupported_reason(job: Job, catalog: ModelCatalog) -> str | None:
         refusal = catalog.control.refusal(payload.control_type, baseline, payload.image_is_control)
     if refusal is None and payload.control_type and not job.pop.source_image:
         refusal = "a ControlNet job needs a source image"
-    if refusal is None and payload.post_processing:
-        refusal = catalog.postprocess.refusal(payload.post_processing)
     if refusal is not None:
         return refusal
     unsupported = [name for name, used in (
@@ -96,9 +94,9 @@ def generate_request(job: Job, catalog: ModelCatalog) -> GenerateRequest:
         control_model_path=control_path(catalog, payload.control_type, model.baseline),
         image_is_control=payload.image_is_control,
         return_control_map=payload.return_control_map,
-        extra={"annotator_dir": str(catalog.control.annotator_dir or "")},
-        post_processing=[(name, str(catalog.postprocess.files[name])) for name in payload.post_processing
-                         if name in catalog.postprocess.files],
+        extra={"annotator_dir": str(catalog.control.annotator_dir or ""),
+               "face_dir": str(catalog.postprocess.face_dir or "")},
+        post_processing=catalog.postprocess.steps(payload.post_processing),
         facefixer_strength=payload.facefixer_strength,
     )
 

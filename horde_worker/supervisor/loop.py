@@ -26,6 +26,7 @@ from horde_worker.inference.messages import (
     Preload,
     Preloaded,
     Progress,
+    SamplingDone,
     SlotReady,
     SlotSpec,
 )
@@ -183,7 +184,7 @@ class Supervisor:
             threads=len(self.slot_specs), amount=s.max_batch, max_pixels=s.max_pixels, nsfw=s.nsfw,
             blacklist=s.blacklist, priority_usernames=s.priority_usernames,
             allow_img2img=s.allow_img2img, allow_painting=s.allow_painting, allow_unsafe_ipaddr=s.allow_unsafe_ip,
-            allow_post_processing=s.allow_post_processing and self.catalog.postprocess.complete,
+            allow_post_processing=s.allow_post_processing and self.catalog.postprocess.offered,
             allow_controlnet=s.allow_controlnet and self.catalog.control.available,
             allow_sdxl_controlnet=False, allow_lora=s.allow_lora,
             extra_slow_worker=s.extra_slow_worker, limit_max_steps=s.limit_max_steps,
@@ -321,35 +322,55 @@ class Supervisor:
             job = self.jobs.get(message.job_id)
             if job is not None:
                 job.progress = (message.step, message.total)
-        elif isinstance(message, GenerateResult):
-            slot.job_id, slot.resident = None, list(message.resident_models)
+        elif isinstance(message, SamplingDone):
+            if slot.job_id == message.job_id:
+                slot.job_id = None
+            slot.resident = list(message.resident_models)
             job = self.jobs.get(message.job_id)
             if job is not None and job.state is JobState.RUNNING:
-                job.images = list(message.images)
-                job.gen_metadata.extend(jobspec.notes_metadata(message.notes))
-                job.advance(JobState.GENERATED)
-                self.stats.job_generated(job.megapixelsteps, message.load_seconds + message.sample_seconds)
-                if message.load_source != "resident":
-                    logger.info("model switch to {}: from {} in {:.2f}s", job.model, message.load_source,
-                                message.load_seconds)
-                logger.info("job {} generated in {:.2f}s", job.id, message.sample_seconds)
-                self._spawn(self._finish(job))
-        elif isinstance(message, GenerateFailed):
-            slot.job_id, slot.resident = None, list(message.resident_models)
-            job = self.jobs.get(message.job_id)
-            if job is not None and job.state is JobState.RUNNING:
-                logger.error("job {} failed: {}", job.id, message.reason)
-                job.advance(JobState.FAULTED, message.reason)
-                self._spawn(self._finish(job))
+                slot.postprocessing.add(job.id)
+                job.advance(JobState.POSTPROCESSING)
+                logger.info("job {} sampled in {:.2f}s; post-processing it while the slot takes the next job",
+                            job.id, message.sample_seconds)
+        elif isinstance(message, GenerateResult | GenerateFailed):
+            self._on_job_done(slot, message)
         self._poke()
 
+    def _on_job_done(self, slot: Slot, message: GenerateResult | GenerateFailed) -> None:
+        if slot.job_id == message.job_id:
+            slot.job_id = None
+        slot.postprocessing.discard(message.job_id)
+        slot.resident = list(message.resident_models)
+        job = self.jobs.get(message.job_id)
+        if job is None or job.state not in (JobState.RUNNING, JobState.POSTPROCESSING):
+            return
+        if isinstance(message, GenerateFailed):
+            logger.error("job {} failed: {}", job.id, message.reason)
+            job.advance(JobState.FAULTED, message.reason)
+            self._spawn(self._finish(job))
+            return
+        job.images = list(message.images)
+        job.gen_metadata.extend(jobspec.notes_metadata(message.notes))
+        job.advance(JobState.GENERATED)
+        self.stats.job_generated(job.megapixelsteps, message.load_seconds + message.sample_seconds)
+        if message.postprocess_seconds:
+            self.stats.postprocessed(message.postprocess_seconds)
+        if message.load_source != "resident":
+            logger.info("model switch to {}: from {} in {:.2f}s", job.model, message.load_source,
+                        message.load_seconds)
+        extra = f" + {message.postprocess_seconds:.2f}s post-processing" if message.postprocess_seconds else ""
+        logger.info("job {} generated in {:.2f}s{}", job.id, message.sample_seconds, extra)
+        self._spawn(self._finish(job))
+
     def _on_death(self, slot: Slot, exit_code: int | None) -> None:
-        job = self.jobs.get(slot.job_id) if slot.job_id else None
+        lost = [self.jobs.get(job_id) for job_id in ([slot.job_id] if slot.job_id else []) + sorted(slot.postprocessing)]
         logger.error("inference slot {} died (exit code {}); starting a new one", slot.spec.slot, exit_code)
-        slot.ready, slot.job_id = False, None
-        if not self.stopping or job is not None:
+        slot.ready, slot.job_id, slot.postprocessing = False, None, set()
+        if not self.stopping or any(lost):
             self.pool.restart(slot)
-        if job is not None and job.state is JobState.RUNNING:
+        for job in lost:
+            if job is None or job.state not in (JobState.RUNNING, JobState.POSTPROCESSING):
+                continue
             spent = time.time() - (job.started_at or job.popped_at)
             if job.attempts < 2 and time.time() + spent * 1.5 + 10 < job.deadline:
                 logger.warning("job {} runs again on the new process", job.id)
@@ -380,8 +401,13 @@ class Supervisor:
         if running:
             step, total = running[0].progress
             current = f" | running {running[0].model} {step}/{total}"
+        post = sum(1 for j in self.jobs.values() if j.state is JobState.POSTPROCESSING)
+        if post:
+            current += f" | post-processing {post}"
         queued = sum(1 for j in self.jobs.values() if j.state in (JobState.QUEUED, JobState.INPUTS_READY))
         s = self.stats
         censored = f", {s.censored} censored" if s.censored else ""
+        if s.postprocessed_jobs:
+            censored += f", {s.postprocessed_jobs} post-processed ({s.postprocess_seconds / s.postprocessed_jobs:.1f}s avg)"
         return (f"jobs {s.jobs_done} done, {s.jobs_faulted} faulted{censored} | queue {queued}{current} | "
                 f"kudos {s.kudos:.1f} ({s.kudos_per_hour:.0f}/hr) | {s.megapixelsteps_per_second:.2f} MPS/s")

@@ -27,7 +27,8 @@ class Slot:
     ready: bool = False
     pid: int | None = None
     device_name: str = ""
-    job_id: str | None = None
+    job_id: str | None = None  # the job sampling on it
+    postprocessing: set[str] = field(default_factory=set)  # jobs post-processed beside it (overlap)
     resident: list[str] = field(default_factory=list)
     preloading: set[str] = field(default_factory=set)
     restarts: int = 0
@@ -63,6 +64,7 @@ class SlotPool:
         child.close()  # so that the parent's end reads EOF when the process dies
         slot.generation += 1
         slot.process, slot.conn, slot.ready, slot.job_id, slot.resident = process, parent, False, None, []
+        slot.postprocessing = set()
         slot.preloading = set()
         reader = threading.Thread(target=self._read, args=(slot, parent, slot.generation),
                                   name=f"slot-{slot.spec.slot}-reader", daemon=True)

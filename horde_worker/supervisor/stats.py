@@ -16,6 +16,8 @@ class SessionStats:
     jobs_faulted: int = 0
     jobs_abandoned: int = 0
     censored: int = 0
+    postprocessed_jobs: int = 0
+    postprocess_seconds: float = 0.0
     images: int = 0
     kudos: float = 0.0
     megapixelsteps: float = 0.0
@@ -29,6 +31,10 @@ class SessionStats:
     def job_generated(self, megapixelsteps: float, seconds: float) -> None:
         self.megapixelsteps += megapixelsteps
         self.inference_seconds += seconds
+
+    def postprocessed(self, seconds: float) -> None:
+        self.postprocessed_jobs += 1
+        self.postprocess_seconds += seconds
 
     @property
     def kudos_per_hour(self) -> float:
