@@ -186,3 +186,19 @@ def test_overlap_samples_the_next_job_while_one_is_post_processed(tiny_checkpoin
     assert [r.images[0].shape for r in results] == [(128, 128, 3), (128, 128, 3)]
     assert all(r.postprocess_seconds > 0 for r in results)
     assert all(isinstance(m, Progress | SamplingDone | GenerateResult) for m in messages)
+
+
+def test_postprocess_and_overlap_benchmarks_run_on_cpu(capsys):
+    import json
+
+    from horde_worker.bench import overlap, postprocess
+
+    assert postprocess.main(["--sizes", "48", "--count", "1", "--only", "RealESRGAN_x2plus,strip_background"]) == 0
+    out = capsys.readouterr().out
+    report = json.loads(out[out.index("\n{\n") + 1:])  # after one line per post-processor, the whole report
+    assert set(report["seconds"]) == {"RealESRGAN_x2plus", "strip_background"}
+    assert all(times["48x48"] > 0 for times in report["seconds"].values())
+    assert overlap.main(["--jobs", "2", "--size", "64", "--steps", "2", "--post-processing", "RealESRGAN_x2plus"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    for run in ("without_overlap", "with_overlap"):
+        assert report[run]["jobs"] == 2 and report[run]["postprocess_seconds"] > 0
