@@ -49,6 +49,29 @@ def test_fault_from_any_unfinished_state_and_rerun_after_slot_death():
     job.advance(JobState.SUBMITTED)
 
 
+def test_post_processing_overlap_state_and_status_line():
+    from horde_worker.supervisor.stats import SessionStats, status_line
+
+    sampling, post = make_job("m1"), make_job("m2")
+    for job in (sampling, post):
+        for state in (JobState.INPUTS_READY, JobState.QUEUED, JobState.RUNNING):
+            job.advance(state)
+    sampling.progress = (3, 20)
+    post.advance(JobState.POSTPROCESSING)  # sampling ended, the slot took the next job
+    stats = SessionStats(jobs_done=4)
+    stats.postprocessed(2.0)
+    stats.postprocessed(1.0)
+    line = status_line([sampling, post], stats)
+    assert "running m1 3/20" in line and "post-processing 1" in line and "2 post-processed (1.5s avg)" in line
+    post.advance(JobState.GENERATED)
+    with pytest.raises(IllegalTransition):
+        post.advance(JobState.POSTPROCESSING)
+    crashed = make_job()
+    for state in (JobState.INPUTS_READY, JobState.QUEUED, JobState.RUNNING, JobState.POSTPROCESSING):
+        crashed.advance(state)
+    crashed.advance(JobState.QUEUED)  # its process died while post-processing: it runs again
+
+
 def queued(scheduler: Scheduler, job: Job) -> Job:
     job.advance(JobState.INPUTS_READY)
     scheduler.add(job)

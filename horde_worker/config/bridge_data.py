@@ -26,7 +26,8 @@ LIVE_KEYS = frozenset({
     "models_to_load", "models_to_skip", "custom_models", "load_large_models",
 })
 # Live keys that change which models are served: new ones are downloaded, then advertised.
-MODEL_KEYS = frozenset({"models_to_load", "models_to_skip", "custom_models", "load_large_models", "allow_controlnet"})
+MODEL_KEYS = frozenset({"models_to_load", "models_to_skip", "custom_models", "load_large_models", "allow_controlnet",
+                        "allow_post_processing"})
 
 # Accepted for compatibility, not acted on yet: each says so at start when set.
 NOT_YET_HONOURED: dict[str, str] = {

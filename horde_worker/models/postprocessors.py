@@ -11,6 +11,7 @@ says so in gen_metadata.
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,6 +83,12 @@ def reference_files(snapshots: dict[str, dict] | None = None) -> list[ReferenceF
     return found
 
 
+@functools.cache
+def downloadable_names() -> frozenset[str]:
+    """Post-processors whose weights the worker can fetch itself (asked on every pop: read once)."""
+    return frozenset({f.name for f in reference_files()} | {STRIP_BACKGROUND})
+
+
 def hashes_key(download: dict, hashes: dict[str, str | None]) -> str:
     """The file name a download is stored under: its name in `files` (CodeFormers.pth, not codeformer.pth)."""
     name = download["file_name"]
@@ -107,8 +114,7 @@ class PostProcessSetup:
     @property
     def offered(self) -> bool:
         """Everything the worker can fetch is here: only then is post-processing offered to the horde."""
-        downloadable = {f.name for f in reference_files()} | {STRIP_BACKGROUND}
-        return not self.missing_downloadable and all(self.has(name) for name in downloadable)
+        return not self.missing_downloadable and all(self.has(name) for name in downloadable_names())
 
     def steps(self, names: list[str]) -> list[tuple[str, str]]:
         """(name, weights path or "" when not on this worker) in the job's order."""

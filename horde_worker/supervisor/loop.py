@@ -39,7 +39,7 @@ from horde_worker.supervisor.journal import Journal
 from horde_worker.supervisor.safety_client import SafetyClient
 from horde_worker.supervisor.scheduler import Scheduler
 from horde_worker.supervisor.slots import Slot, SlotPool
-from horde_worker.supervisor.stats import SessionStats
+from horde_worker.supervisor.stats import SessionStats, status_line
 
 # Pop errors that no retry can fix: the owner must change something.
 FATAL_POP_ERRORS = {
@@ -351,6 +351,8 @@ class Supervisor:
             return
         job.images = list(message.images)
         job.gen_metadata.extend(jobspec.notes_metadata(message.notes))
+        for kind, value, ref in message.notes:
+            logger.info("job {}: {} {}{}", job.id, kind, value, f" ({ref})" if ref else "")
         job.advance(JobState.GENERATED)
         self.stats.job_generated(job.megapixelsteps, message.load_seconds + message.sample_seconds)
         if message.postprocess_seconds:
@@ -396,18 +398,4 @@ class Supervisor:
 
     def status_text(self) -> str:
         """The live status line."""
-        running = [j for j in self.jobs.values() if j.state is JobState.RUNNING]
-        current = ""
-        if running:
-            step, total = running[0].progress
-            current = f" | running {running[0].model} {step}/{total}"
-        post = sum(1 for j in self.jobs.values() if j.state is JobState.POSTPROCESSING)
-        if post:
-            current += f" | post-processing {post}"
-        queued = sum(1 for j in self.jobs.values() if j.state in (JobState.QUEUED, JobState.INPUTS_READY))
-        s = self.stats
-        censored = f", {s.censored} censored" if s.censored else ""
-        if s.postprocessed_jobs:
-            censored += f", {s.postprocessed_jobs} post-processed ({s.postprocess_seconds / s.postprocessed_jobs:.1f}s avg)"
-        return (f"jobs {s.jobs_done} done, {s.jobs_faulted} faulted{censored} | queue {queued}{current} | "
-                f"kudos {s.kudos:.1f} ({s.kudos_per_hour:.0f}/hr) | {s.megapixelsteps_per_second:.2f} MPS/s")
+        return status_line(list(self.jobs.values()), self.stats)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+from horde_worker.supervisor.job import Job, JobState
+
 
 @dataclass
 class SessionStats:
@@ -54,3 +56,21 @@ class SessionStats:
         return (f"summary: jobs={self.jobs_done} faulted={self.jobs_faulted} abandoned={self.jobs_abandoned} "
                 f"images={self.images} megapixelsteps/s={self.megapixelsteps_per_second:.2f} "
                 f"kudos={self.kudos:.2f}")
+
+
+def status_line(jobs: list[Job], s: SessionStats) -> str:
+    """The live status line: jobs done, the queue, what runs now, kudos and speed."""
+    running = [j for j in jobs if j.state is JobState.RUNNING]
+    current = ""
+    if running:
+        step, total = running[0].progress
+        current = f" | running {running[0].model} {step}/{total}"
+    post = sum(1 for j in jobs if j.state is JobState.POSTPROCESSING)
+    if post:
+        current += f" | post-processing {post}"
+    queued = sum(1 for j in jobs if j.state in (JobState.QUEUED, JobState.INPUTS_READY))
+    done = f", {s.censored} censored" if s.censored else ""
+    if s.postprocessed_jobs:
+        done += f", {s.postprocessed_jobs} post-processed ({s.postprocess_seconds / s.postprocessed_jobs:.1f}s avg)"
+    return (f"jobs {s.jobs_done} done, {s.jobs_faulted} faulted{done} | queue {queued}{current} | "
+            f"kudos {s.kudos:.1f} ({s.kudos_per_hour:.0f}/hr) | {s.megapixelsteps_per_second:.2f} MPS/s")
