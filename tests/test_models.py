@@ -173,12 +173,17 @@ def test_download_models_dry_run_lists_sizes_presence_and_space(tmp_path):
         for name, blob in blobs.items():
             server.files[f"/{name}"] = blob
         config = tmp_path / "bridgeData.yaml"
-        config.write_text(yaml.safe_dump({"api_key": "k", "cache_home": str(cache), "models_to_load": ["alpha", "beta"],
-                                          "model_reference_url": f"{server.url}/reference.json"}))
+        settings = {"api_key": "k", "cache_home": str(cache), "models_to_load": ["alpha", "beta"],
+                    "model_reference_url": f"{server.url}/reference.json"}
+        config.write_text(yaml.safe_dump(settings))
         env = {k: v for k, v in os.environ.items() if not k.startswith("AIWORKER_")}
         dry = subprocess.run([sys.executable, "-m", "horde_worker.models.cli", "-c", str(config), "--dry-run"],
                              capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
         assert dry.returncode == 0, dry.stderr
+        # Post-processor weights (on by default) are listed too; the real run below leaves them out, since
+        # they would come from the internet.
+        assert "post-processing: GFPGANv1.4.pth" in dry.stdout and "post-processing: u2net.onnx" in dry.stdout
+        config.write_text(yaml.safe_dump({**settings, "allow_post_processing": False}))
         assert "alpha" in dry.stdout and "present" in dry.stdout and "beta" in dry.stdout
         assert "to download" in dry.stdout and "disk space still needed: 0.00 GB" in dry.stdout
         assert not (cache / "compvis" / "beta.safetensors").exists()

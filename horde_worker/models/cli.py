@@ -38,6 +38,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{model.name:<48} {model.path.stat().st_size / 1e9:>7.2f}GB  present ({model.path})")
         for entry, task in plan.to_download:
             print(f"{entry.name:<48} {(task.size or 0) / 1e9:>7.2f}GB  to download -> {task.dest}")
+        if settings.allow_post_processing:
+            from horde_worker.models.postprocessors import plan_postprocessors
+
+            _, tasks = plan_postprocessors(Path(settings.cache_home))
+            for task in tasks:
+                print(f"{'post-processing: ' + task.dest.name:<48} {'?':>9}    to download -> {task.dest}")
         folder = Path(settings.cache_home)
         folder.mkdir(parents=True, exist_ok=True)
         free = shutil.disk_usage(folder).free
