@@ -3,7 +3,7 @@ rem Starts the worker; sets up the runtime first if it is missing.
 rem Without bridgeData.yaml (and without AIWORKER_API_KEY) it runs in local mode, offline.
 setlocal
 cd /d "%~dp0"
-.venv\Scripts\python.exe -c "import torch, diffusers, horde_worker" 2>nul || (
+.venv\Scripts\python.exe -c "import torch, diffusers, facexlib, rembg, spandrel_extra_arches, horde_worker" 2>nul || (
   echo the runtime is missing or incomplete: running update-runtime.cmd first
   call update-runtime.cmd || exit /b 1
 )

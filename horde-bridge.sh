@@ -6,7 +6,7 @@
 #   ./horde-bridge.sh --help              every option
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
-if [ ! -x "$here/.venv/bin/python" ] || ! "$here/.venv/bin/python" -c "import torch, diffusers, horde_worker" 2>/dev/null; then
+if [ ! -x "$here/.venv/bin/python" ] || ! "$here/.venv/bin/python" -c "import torch, diffusers, facexlib, rembg, spandrel_extra_arches, horde_worker" 2>/dev/null; then
   echo "the runtime is missing or incomplete: running update-runtime.sh first"
   "$here/update-runtime.sh"
 fi
