@@ -19,6 +19,12 @@ from horde_worker.localhorde import LocalHorde, ServerOptions
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO.parent / "shared" / "data"
 
+# Tests reach loopback hosts only: this process and every process it starts load the guard.
+NETGUARD = Path(__file__).resolve().parent / "netguard"
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(NETGUARD), os.environ.get("PYTHONPATH")]))
+sys.path.insert(0, str(NETGUARD))
+import sitecustomize  # noqa: E402, F401  (the guard, for this process)
+
 
 @pytest.fixture(scope="session")
 def model_cache(tmp_path_factory) -> Path:

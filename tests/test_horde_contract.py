@@ -191,3 +191,27 @@ def test_api_key_never_appears_in_logs_or_reprs(horde):
         logger.remove(sink)
     assert lines and not any(secret in line for line in lines)
     assert secret not in repr(client) and secret not in repr(vars(client))
+
+
+def test_tests_cannot_reach_the_internet(tmp_path):
+    """The suite's network guard: non-loopback hosts fail at once, here and in child processes."""
+    import socket
+    import subprocess
+    import sys
+
+    import pytest
+    import requests
+
+    with pytest.raises(requests.ConnectionError, match="not a loopback host"):
+        requests.get("https://github.com/", timeout=5)
+    with pytest.raises(OSError, match="test network guard"):
+        socket.create_connection(("1.1.1.1", 443), timeout=5)
+    raw = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    with raw, pytest.raises(ConnectionRefusedError, match="not a loopback address"):
+        raw.connect(("93.184.216.34", 80))
+    child = subprocess.run([sys.executable, "-c", "import socket; socket.getaddrinfo('example.com', 80)"],
+                           capture_output=True, text=True, timeout=60)
+    assert child.returncode != 0 and "not a loopback host" in child.stderr
+    server = socket.create_server(("127.0.0.1", 0))
+    with server, socket.create_connection(server.getsockname(), timeout=5):
+        pass  # loopback still works
