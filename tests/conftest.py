@@ -27,14 +27,24 @@ import sitecustomize  # noqa: E402, F401  (the guard, for this process)
 
 
 @pytest.fixture(scope="session")
-def model_cache(tmp_path_factory) -> Path:
-    """A cache_home with the tiny demo checkpoint in its compvis/ folder."""
+def model_cache(tmp_path_factory, postprocessor_cache) -> Path:
+    """A cache_home with the tiny demo checkpoint in its compvis/ folder (and the post-processors' files,
+    linked: local mode would otherwise write another gigabyte of them)."""
     cache = tmp_path_factory.mktemp("cache")
+    link_tree(postprocessor_cache, cache)
     ensure_demo_model(cache)
     from horde_worker.safety.tiny import write_tiny_clip
 
     write_tiny_clip(cache / "clip" / "tiny-clip-clean.safetensors", ["landscape", "mountain"])
     return cache
+
+
+def link_tree(source: Path, target: Path) -> None:
+    """Hard-link every file under `source` to the same place under `target`."""
+    for path in sorted(source.rglob("*")):
+        if path.is_file():
+            (target / path.relative_to(source)).parent.mkdir(parents=True, exist_ok=True)
+            os.link(path, target / path.relative_to(source))
 
 
 @pytest.fixture(scope="session")
@@ -119,10 +129,8 @@ def start_worker(tmp_path, model_cache) -> Iterator[Callable[..., WorkerProcess]
     def start(horde: LocalHorde, cache_with: Path | None = None, **overrides) -> WorkerProcess:
         cache = tmp_path / "cache"
         (cache / "compvis").mkdir(parents=True, exist_ok=True)
-        for source in sorted(cache_with.rglob("*")) if cache_with else []:  # other weights, linked in
-            if source.is_file():
-                (cache / source.relative_to(cache_with)).parent.mkdir(parents=True, exist_ok=True)
-                os.link(source, cache / source.relative_to(cache_with))
+        if cache_with:  # other weights, linked in
+            link_tree(cache_with, cache)
         demo = model_cache / "compvis" / "horde-worker-tiny-sd15.safetensors"
         target = cache / "compvis" / demo.name
         if not target.exists():

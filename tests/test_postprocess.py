@@ -13,6 +13,7 @@ from horde_worker.inference.messages import GenerateRequest, SlotSpec
 from horde_worker.inference.postprocess import PostProcessors, upscale
 from horde_worker.inference.tiny_postprocess import write_all, write_tiny_upscaler
 from horde_worker.models.postprocessors import HORDE_POSTPROCESSORS, plan_postprocessors
+from tests.conftest import link_tree
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +50,7 @@ def test_tiles_leave_no_seams(upscalers):
     assert np.abs(tiled.astype(int) - whole.astype(int)).max() <= 2
 
 
-def test_reference_files_downloads_and_what_is_offered(tmp_path):
+def test_reference_files_downloads_and_what_is_offered(tmp_path, postprocessor_cache):
     setup, tasks = plan_postprocessors(tmp_path)
     by_name = {task.dest.relative_to(tmp_path).as_posix(): task for task in tasks}
     assert {"esrgan/RealESRGAN_x4plus.pth", "esrgan/RealESRGAN_x2plus.pth", "esrgan/RealESRGAN_x4plus_anime_6B.pth",
@@ -59,7 +60,8 @@ def test_reference_files_downloads_and_what_is_offered(tmp_path):
     assert all(task.sha256 for name, task in by_name.items() if name != "rembg/u2net.onnx")
     assert by_name["rembg/u2net.onnx"].md5 and by_name["codeformer/CodeFormers.pth"].url.endswith("codeformer.pth")
     assert not setup.offered and not setup.files
-    write_all(tmp_path)
+    link_tree(postprocessor_cache, tmp_path)  # most files from the shared cache, to save time and disk
+    write_all(tmp_path)  # writes what is missing
     setup, tasks = plan_postprocessors(tmp_path)
     assert tasks == [] and setup.offered and all(setup.has(name) for name in HORDE_POSTPROCESSORS)
     # Weights the reference has no file for are optional: without them the step is skipped, still offered.
@@ -73,10 +75,8 @@ def test_reference_files_downloads_and_what_is_offered(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def face_home(tmp_path_factory):
-    home = tmp_path_factory.mktemp("postprocessors")
-    write_all(home)
-    setup, _ = plan_postprocessors(home)
+def face_home(postprocessor_cache):
+    setup, _ = plan_postprocessors(postprocessor_cache)
     return setup
 
 

@@ -2,9 +2,10 @@
 
 Upscalers and RestoreFormer are the real architectures at tiny widths with random weights.
 GFPGAN, CodeFormer, the RetinaFace detector and ParseNet have sizes fixed by their loaders, so they
-are full size (random weights), except that the detector's output heads are set by hand: every
-anchor of the coarsest level reports a face with the same five landmarks around its centre and
-a box four times its size, so exactly one face is found in any image up to about 1000 px.
+are full size (random weights, stored in fp16 to halve the disk they take), except that the
+detector's output heads are set by hand: every anchor of the coarsest level reports a face with the
+same five landmarks around its centre and a box four times its size, so exactly one face is found
+in any image up to about 1000 px.
 Background removal gets a small ONNX network with the input and output of rembg's U^2-Net that
 treats bright pixels as the subject. All files are written where the real ones would be.
 """
@@ -57,8 +58,8 @@ def write_face_helpers(folder: Path, seed: int = 0) -> None:
         detector.BboxHead[2].conv1x1.bias[6:8] = math.log(4.0) / 0.2  # box 4x the anchor: one face survives NMS
         offsets = [v / (0.1 * prior_size) for point in FACE_LANDMARKS for v in point]
         detector.LandmarkHead[2].conv1x1.bias[10:20] = torch.tensor(offsets)
-    torch.save(detector.state_dict(), folder / "detection_Resnet50_Final.pth")
-    torch.save(ParseNet(in_size=512, out_size=512, parsing_ch=19).state_dict(), folder / "parsing_parsenet.pth")
+    torch.save(half(detector.state_dict()), folder / "detection_Resnet50_Final.pth")
+    torch.save(half(ParseNet(in_size=512, out_size=512, parsing_ch=19).state_dict()), folder / "parsing_parsenet.pth")
 
 
 def write_restorer(path: Path, architecture: str, seed: int = 0) -> Path:
@@ -84,7 +85,7 @@ def write_restorer(path: Path, architecture: str, seed: int = 0) -> Path:
                            connect_list=["32", "64", "128", "256"], fix_modules=["quantize", "generator"])
     else:
         raise ValueError(f"unknown face restorer {architecture}")
-    return _save_safetensors(model, path, save_file)
+    return _save_safetensors(model, path, save_file, stored_half=True)
 
 
 def write_background_remover(path: Path) -> Path:
@@ -141,9 +142,14 @@ def write_all(cache_home: Path) -> None:
         write_background_remover(cache_home / U2NET.dest)
 
 
-def _save_safetensors(model: torch.nn.Module, path: Path, save_file) -> Path:
+def half(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Floating tensors stored in fp16: half the disk for random full-size weights; loaders widen them back."""
+    return {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
+
+
+def _save_safetensors(model: torch.nn.Module, path: Path, save_file, stored_half: bool = False) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    state = {k: v.contiguous() for k, v in (half(model.state_dict()) if stored_half else model.state_dict()).items()}
     if path.suffix == ".safetensors":
         save_file(state, str(path))
     else:  # the reference's .pth names: a plain state dict, read weights-only
