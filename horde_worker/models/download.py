@@ -54,10 +54,6 @@ def check_free_space(folder: Path, needed: int, margin: int = 1 << 30) -> None:
                             f"margin), {free / 1e9:.1f} GB free. Free some space or set cache_home elsewhere.")
 
 
-def sha256_of(path: Path) -> str:
-    return file_digest(path, "sha256")
-
-
 def file_digest(path: Path, algorithm: str) -> str:
     digest = hashlib.new(algorithm)
     with open(path, "rb") as handle:
@@ -117,17 +113,13 @@ def download(task: DownloadTask, *, token: str | None = None, session: requests.
             delay = min(30.0, 2.0 ** attempt)
             logger.warning("{}: {}; resuming in {:.0f}s", dest.name, exc, delay)
             time.sleep(delay)
-    if task.sha256:
-        actual = sha256_of(part)
-        if actual.lower() != task.sha256.lower():
+    expected = ("sha256", task.sha256) if task.sha256 else ("md5", task.md5) if task.md5 else None
+    if expected is not None:
+        algorithm, digest = expected
+        actual = file_digest(part, algorithm)
+        if actual.lower() != digest.lower():
             part.unlink(missing_ok=True)
-            raise DownloadError(f"{dest.name}: sha256 mismatch (expected {task.sha256.lower()}, got {actual}); "
-                                "the damaged download was deleted")
-    elif task.md5:
-        actual = file_digest(part, "md5")
-        if actual.lower() != task.md5.lower():
-            part.unlink(missing_ok=True)
-            raise DownloadError(f"{dest.name}: md5 mismatch (expected {task.md5.lower()}, got {actual}); "
+            raise DownloadError(f"{dest.name}: {algorithm} mismatch (expected {digest.lower()}, got {actual}); "
                                 "the damaged download was deleted")
     part.replace(dest)
     return dest

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import functools
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from horde_worker.models.download import DownloadTask
@@ -62,12 +62,11 @@ class ReferenceFile:
     sha256: str | None
 
 
-def reference_files(snapshots: dict[str, dict] | None = None) -> list[ReferenceFile]:
+def reference_files() -> list[ReferenceFile]:
     """The files of the reference's post-processors that this worker uses."""
     found = []
     for file_name, folder in REFERENCE_FOLDERS.items():
-        data = (snapshots or {}).get(file_name) or json.loads((DATA / file_name).read_text())
-        for name, entry in data.items():
+        for name, entry in json.loads((DATA / file_name).read_text()).items():
             if name not in HORDE_POSTPROCESSORS:
                 continue
             config = entry.get("config", {})
@@ -78,8 +77,8 @@ def reference_files(snapshots: dict[str, dict] | None = None) -> list[ReferenceF
             else:
                 wanted = downloads[:1]
             for download in wanted:
-                found.append(ReferenceFile(name, Path(folder) / hashes_key(download, hashes), download["file_url"],
-                                           hashes.get(hashes_key(download, hashes))))
+                stored_as = hashes_key(download, hashes)
+                found.append(ReferenceFile(name, Path(folder) / stored_as, download["file_url"], hashes.get(stored_as)))
     return found
 
 
@@ -99,12 +98,10 @@ def hashes_key(download: dict, hashes: dict[str, str | None]) -> str:
 
 @dataclass
 class PostProcessSetup:
-    """Post-processor name -> weights on disk, and what is missing."""
+    """Post-processor name -> weights on disk, and where the face fixers' detector and parser are."""
 
     files: dict[str, Path] = field(default_factory=dict)
     face_dir: Path | None = None  # the detector and parser, when both are here
-    # Post-processors whose files the reference (or rembg) provides but which are not here.
-    missing_downloadable: set[str] = field(default_factory=set)
 
     def has(self, name: str) -> bool:
         if name in FACE_FIXERS:
@@ -113,8 +110,9 @@ class PostProcessSetup:
 
     @property
     def offered(self) -> bool:
-        """Everything the worker can fetch is here: only then is post-processing offered to the horde."""
-        return not self.missing_downloadable and all(self.has(name) for name in downloadable_names())
+        """Everything the worker can fetch is here (a face fixer counts only with the detector and parser):
+        only then is post-processing offered to the horde."""
+        return all(self.has(name) for name in downloadable_names())
 
     def steps(self, names: list[str]) -> list[tuple[str, str]]:
         """(name, weights path or "" when not on this worker) in the job's order."""
@@ -129,7 +127,6 @@ def plan_postprocessors(cache_home: Path) -> tuple[PostProcessSetup, list[Downlo
         path = cache_home / item.relative
         if not path.exists():
             tasks.append(DownloadTask(item.url, path, item.sha256))
-            setup.missing_downloadable.add(item.name)
         elif item.relative.name not in FACE_HELPER_FILES:
             setup.files[item.name] = path
     face_dir = cache_home / FACE_DIR
@@ -144,9 +141,5 @@ def plan_postprocessors(cache_home: Path) -> tuple[PostProcessSetup, list[Downlo
     if u2net.exists():
         setup.files[STRIP_BACKGROUND] = u2net
     else:
-        tasks.append(DownloadTask(U2NET.url, u2net, None, md5=U2NET.md5))
-        setup.missing_downloadable.add(STRIP_BACKGROUND)
-    for name in list(setup.files):
-        if name in setup.missing_downloadable:
-            del setup.files[name]  # a face fixer without its helpers is not usable yet
+        tasks.append(replace(U2NET, dest=u2net))
     return setup, tasks
