@@ -328,7 +328,6 @@ class Supervisor:
             slot.resident = list(message.resident_models)
             job = self.jobs.get(message.job_id)
             if job is not None and job.state is JobState.RUNNING:
-                slot.postprocessing.add(job.id)
                 job.advance(JobState.POSTPROCESSING)
                 logger.info("job {} sampled in {:.2f}s; post-processing it while the slot takes the next job",
                             job.id, message.sample_seconds)
@@ -339,7 +338,6 @@ class Supervisor:
     def _on_job_done(self, slot: Slot, message: GenerateResult | GenerateFailed) -> None:
         if slot.job_id == message.job_id:
             slot.job_id = None
-        slot.postprocessing.discard(message.job_id)
         slot.resident = list(message.resident_models)
         job = self.jobs.get(message.job_id)
         if job is None or job.state not in (JobState.RUNNING, JobState.POSTPROCESSING):
@@ -365,14 +363,14 @@ class Supervisor:
         self._spawn(self._finish(job))
 
     def _on_death(self, slot: Slot, exit_code: int | None) -> None:
-        lost = [self.jobs.get(job_id) for job_id in ([slot.job_id] if slot.job_id else []) + sorted(slot.postprocessing)]
+        # The job it was sampling and any it was post-processing beside it.
+        lost = [job for job in self.jobs.values()
+                if job.slot == slot.spec.slot and job.state in (JobState.RUNNING, JobState.POSTPROCESSING)]
         logger.error("inference slot {} died (exit code {}); starting a new one", slot.spec.slot, exit_code)
-        slot.ready, slot.job_id, slot.postprocessing = False, None, set()
-        if not self.stopping or any(lost):
+        slot.ready, slot.job_id = False, None
+        if not self.stopping or lost:
             self.pool.restart(slot)
         for job in lost:
-            if job is None or job.state not in (JobState.RUNNING, JobState.POSTPROCESSING):
-                continue
             spent = time.time() - (job.started_at or job.popped_at)
             if job.attempts < 2 and time.time() + spent * 1.5 + 10 < job.deadline:
                 logger.warning("job {} runs again on the new process", job.id)

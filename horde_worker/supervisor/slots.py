@@ -28,7 +28,6 @@ class Slot:
     pid: int | None = None
     device_name: str = ""
     job_id: str | None = None  # the job sampling on it
-    postprocessing: set[str] = field(default_factory=set)  # jobs post-processed beside it (overlap)
     resident: list[str] = field(default_factory=list)
     preloading: set[str] = field(default_factory=set)
     restarts: int = 0
@@ -64,7 +63,6 @@ class SlotPool:
         child.close()  # so that the parent's end reads EOF when the process dies
         slot.generation += 1
         slot.process, slot.conn, slot.ready, slot.job_id, slot.resident = process, parent, False, None, []
-        slot.postprocessing = set()
         slot.preloading = set()
         reader = threading.Thread(target=self._read, args=(slot, parent, slot.generation),
                                   name=f"slot-{slot.spec.slot}-reader", daemon=True)
