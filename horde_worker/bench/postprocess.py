@@ -24,19 +24,21 @@ from pathlib import Path
 def write_full_size(home: Path) -> dict[str, str]:
     """Full-size random-weight networks for every post-processor, under `home` as the worker keeps them."""
     import torch
-    from safetensors.torch import save_file
     from spandrel.architectures.DAT import DAT
     from spandrel.architectures.ESRGAN import ESRGAN
     from spandrel.architectures.PLKSR import RealPLKSR
     from spandrel.architectures.RestoreFormer import RestoreFormer
     from spandrel.architectures.SPAN import SPAN
 
-    from horde_worker.inference.tiny_postprocess import write_background_remover, write_face_helpers, write_restorer
+    from horde_worker.inference.tiny_postprocess import (
+        save_weights,
+        write_background_remover,
+        write_face_helpers,
+        write_restorer,
+    )
 
     def save(model: torch.nn.Module, path: Path) -> str:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
-        return str(path)
+        return str(save_weights(model, path))
 
     torch.manual_seed(0)
     esrgan = home / "esrgan"

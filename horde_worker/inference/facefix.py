@@ -9,6 +9,7 @@ whole. CodeFormer also takes it as its fidelity knob, w = 1 - s (w = 0 restores 
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -88,14 +89,9 @@ def restore_face(descriptor, face_bgr: np.ndarray, strength: float, device: torc
     return np.ascontiguousarray(rgb[:, :, ::-1])
 
 
-_EXTRA_REGISTERED = False
-
-
+@functools.cache
 def import_extra_architectures() -> None:
-    """CodeFormer lives in spandrel_extra_arches (its licence keeps it out of spandrel itself)."""
-    global _EXTRA_REGISTERED
-    if not _EXTRA_REGISTERED:
-        import spandrel_extra_arches
+    """CodeFormer lives in spandrel_extra_arches (its licence keeps it out of spandrel itself); registered once."""
+    import spandrel_extra_arches
 
-        spandrel_extra_arches.install()
-        _EXTRA_REGISTERED = True
+    spandrel_extra_arches.install()

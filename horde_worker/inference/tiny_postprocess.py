@@ -26,7 +26,6 @@ FACE_LANDMARKS = ((-8, -6), (8, -6), (0, 2), (-7, 10), (7, 10))
 
 def write_tiny_upscaler(path: Path, scale: int, seed: int = 0) -> Path:
     """An ESRGAN of 16 filters and one block (Real-ESRGAN's pixel-unshuffle form for x2)."""
-    from safetensors.torch import save_file
     from spandrel.architectures.ESRGAN import ESRGAN
 
     torch.manual_seed(seed)
@@ -35,7 +34,7 @@ def write_tiny_upscaler(path: Path, scale: int, seed: int = 0) -> Path:
     with torch.no_grad():  # random weights give a near-black picture: lift it into a visible range
         last.weight.mul_(8.0)
         last.bias.fill_(0.5)
-    return _save_safetensors(model, path, save_file)
+    return save_weights(model, path)
 
 
 def write_face_helpers(folder: Path, seed: int = 0) -> None:
@@ -64,7 +63,6 @@ def write_face_helpers(folder: Path, seed: int = 0) -> None:
 
 def write_restorer(path: Path, architecture: str, seed: int = 0) -> Path:
     """A face restorer with random weights: "GFPGAN", "RestoreFormer" (tiny) or "CodeFormer"."""
-    from safetensors.torch import save_file
 
     torch.manual_seed(seed)
     if architecture == "GFPGAN":
@@ -85,7 +83,7 @@ def write_restorer(path: Path, architecture: str, seed: int = 0) -> Path:
                            connect_list=["32", "64", "128", "256"], fix_modules=["quantize", "generator"])
     else:
         raise ValueError(f"unknown face restorer {architecture}")
-    return _save_safetensors(model, path, save_file, stored_half=True)
+    return save_weights(model, path, stored_half=True)
 
 
 def write_background_remover(path: Path) -> Path:
@@ -147,7 +145,10 @@ def half(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
 
 
-def _save_safetensors(model: torch.nn.Module, path: Path, save_file, stored_half: bool = False) -> Path:
+def save_weights(model: torch.nn.Module, path: Path, stored_half: bool = False) -> Path:
+    """The model's state dict at `path`: safetensors, or a plain torch file for the reference's .pth names."""
+    from safetensors.torch import save_file
+
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.contiguous() for k, v in (half(model.state_dict()) if stored_half else model.state_dict()).items()}
     if path.suffix == ".safetensors":
