@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from horde_worker.models.postprocessors import FACE_HELPER_FILES
+
 DEFAULT_STRENGTH = 0.75  # when the job names a face fixer without a strength
 FACE_SIZE = 512
 DETECTION_SIDE = 640
@@ -27,7 +29,7 @@ class FaceFixer:
         from facexlib.utils.face_restoration_helper import FaceRestoreHelper
 
         folder = Path(face_dir)
-        for name in ("detection_Resnet50_Final.pth", "parsing_parsenet.pth"):
+        for name in FACE_HELPER_FILES:
             if not (folder / name).exists():  # facexlib would fetch it from the internet instead
                 raise FileNotFoundError(f"face fixer helper {folder / name} is missing")
         self.device = device

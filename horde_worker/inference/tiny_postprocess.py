@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from horde_worker.models.postprocessors import BY_HAND, FACE_DIR, U2NET
+from horde_worker.models.postprocessors import BY_HAND, FACE_DIR, FACE_HELPER_FILES, U2NET
 
 # Landmarks (eyes, nose, mouth corners) in pixels around the anchor centre: a face about 40 px tall.
 FACE_LANDMARKS = ((-8, -6), (8, -6), (0, 2), (-7, 10), (7, 10))
@@ -118,10 +118,9 @@ def write_all(cache_home: Path) -> None:
 
     cache_home = Path(cache_home)
     face_dir = cache_home / FACE_DIR
-    if not (face_dir / "parsing_parsenet.pth").exists():
+    if not all((face_dir / name).exists() for name in FACE_HELPER_FILES):
         write_face_helpers(face_dir)
-    targets = {f.name: cache_home / f.relative for f in reference_files()
-               if f.relative.name not in ("detection_Resnet50_Final.pth", "parsing_parsenet.pth")}
+    targets = {f.name: cache_home / f.relative for f in reference_files() if f.relative.name not in FACE_HELPER_FILES}
     for name, (folder, candidates) in BY_HAND.items():
         targets[name] = cache_home / folder / candidates[-1 if folder == "esrgan" else 0]
     restorers = {"GFPGAN": "GFPGAN", "GFPGANv1.3": "GFPGAN", "RestoreFormer": "RestoreFormer",
