@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from horde_worker.inference.messages import GenerateRequest, SlotSpec
+from horde_worker.inference.messages import SlotSpec
 from horde_worker.inference.postprocess import PostProcessors, upscale
 from horde_worker.inference.tiny_postprocess import write_all, write_tiny_upscaler
 from horde_worker.models.postprocessors import HORDE_POSTPROCESSORS, plan_postprocessors
-from tests.conftest import link_tree
+from tests.conftest import job_request, link_tree
 
 
 @pytest.fixture(scope="module")
@@ -143,10 +143,8 @@ def test_runner_post_processes_after_generation(tiny_checkpoint, upscalers, tmp_
     from horde_worker.inference.runner import ModelRunner
 
     runner = ModelRunner(SlotSpec(slot=0, device="cpu", log_dir=str(tmp_path)))
-    request = GenerateRequest(job_id="j", model_name="tiny", model_path=str(tiny_checkpoint),
-                              baseline="stable_diffusion_1", prompt="a cat", negative_prompt="", width=64, height=64,
-                              steps=2, cfg_scale=7.0, sampler_name="k_euler", karras=False, seeds=[1, 2],
-                              post_processing=[("RealESRGAN_x4plus", upscalers["x4"])])
+    request = job_request(model_path=str(tiny_checkpoint), width=64, height=64, steps=2, seeds=[1, 2],
+                          post_processing=[("RealESRGAN_x4plus", upscalers["x4"])])
     result = runner.generate(request, send=lambda message: None)
     assert [img.shape for img in result.images] == [(256, 256, 3), (256, 256, 3)]
 
@@ -166,11 +164,9 @@ def test_overlap_samples_the_next_job_while_one_is_post_processed(tiny_checkpoin
             done.set()
 
     def request(job_id: str):
-        return GenerateRequest(job_id=job_id, model_name="tiny", model_path=str(tiny_checkpoint),
-                               baseline="stable_diffusion_1", prompt="a face", negative_prompt="", width=64,
-                               height=64, steps=2, cfg_scale=7.0, sampler_name="k_euler", karras=False, seeds=[1],
-                               post_processing=face_home.steps(["RestoreFormer", "RealESRGAN_x2plus"]),
-                               facefixer_strength=1.0, extra={"face_dir": str(face_home.face_dir)})
+        return job_request(job_id=job_id, model_path=str(tiny_checkpoint), prompt="a face", width=64, height=64,
+                           steps=2, seeds=[1], post_processing=face_home.steps(["RestoreFormer", "RealESRGAN_x2plus"]),
+                           facefixer_strength=1.0, extra={"face_dir": str(face_home.face_dir)})
 
     assert runner.generate(request("first"), send) is None  # handed to the post-processing thread
     assert runner.generate(request("second"), send) is None
