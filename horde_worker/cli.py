@@ -165,7 +165,11 @@ def run_supervisor(settings: BridgeData, client, catalog, devices: list[str], ar
         try:
             applied, restart = watcher.poll()
         except ConfigError as exc:
-            logger.error("bridgeData.yaml changed but is not valid; keeping the old settings:\n{}", exc)
+            logger.error("{} changed but is not valid; keeping the previous settings:\n{}", watcher.current.path, exc)
+            return
+        except Exception as exc:  # whatever reading it raised, the running worker keeps going
+            logger.error("{} changed but could not be read ({}: {}); keeping the previous settings",
+                         watcher.current.path, type(exc).__name__, exc)
             return
         for key, value in applied.items():
             logger.info("setting applied: {} = {!r}", key, "********" if "key" in key else value)
@@ -207,9 +211,8 @@ def run_supervisor(settings: BridgeData, client, catalog, devices: list[str], ar
             return
         logger.warning("second Ctrl+C: quitting now")
         if supervisor.pool is not None:
-            for slot in supervisor.pool.slots:
-                if slot.process is not None and slot.process.is_alive():
-                    slot.process.kill()
+            supervisor.pool.kill_all()
+        safety.kill()
         os._exit(130)
 
     async def main_loop() -> int:

@@ -114,7 +114,9 @@ def test_submit_body_uses_r2_or_base64_and_integer_seed():
     job.gen_metadata = [GenMetadata(type="source_image", value="download_failed")]
     faulted = jobspec.submit_body(job, 0).to_wire()
     assert faulted["state"] == "faulted"
-    assert faulted["gen_metadata"] == [{"type": "source_image", "value": "download_failed"}]
+    # The notes, then the reason, so the horde's records say why (the requester never sees it).
+    assert faulted["gen_metadata"] == [{"type": "source_image", "value": "download_failed"},
+                                       {"type": "information", "value": "see_ref", "ref": "faulted: no"}]
 
 
 def test_journal_keeps_finished_images_until_forgotten(tmp_path):

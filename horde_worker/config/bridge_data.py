@@ -39,7 +39,6 @@ NOT_YET_HONOURED: dict[str, str] = {
     "moderate_performance_mode": "performance modes are not built yet",
     "unload_models_from_vram_often": "model residency options are not built yet",
     "very_fast_disk_mode": "model residency options are not built yet",
-    "exit_on_unhandled_faults": "faulted jobs are always submitted and the worker keeps running",
 }
 
 _PERCENT_OR_MB = re.compile(r"^\s*(\d+(\.\d+)?)\s*(%|MB|GB)?\s*$", re.IGNORECASE)

@@ -64,6 +64,11 @@ def read_yaml(path: Path) -> dict[str, Any]:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: byte {exc.object[exc.start:exc.start + 1]!r} at position {exc.start} is not UTF-8; "
+                          "save the file as UTF-8 (any text editor can)") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot be read: {exc.strerror or exc}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: must be a mapping of key: value lines, like bridgeData_template.yaml")
     return data

@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 
 import requests
 from loguru import logger
+from pydantic import ValidationError
 
 from horde_worker import BRIDGE_AGENT
 from horde_worker.horde.wire import PopRequest, PopResponse, SubmitRequest
@@ -52,6 +53,15 @@ class HordeError(Exception):
 
 class HordeUnreachable(Exception):
     """The horde could not be reached or kept failing after every retry."""
+
+
+class MalformedPop(Exception):
+    """A pop answer that does not read as a job: `raw` is what came, `problem` what is wrong with it."""
+
+    def __init__(self, raw: Any, problem: str) -> None:
+        super().__init__(problem)
+        self.raw = raw
+        self.problem = problem
 
 
 class SubmitOutcome(Enum):
@@ -147,6 +157,9 @@ class HordeClient:
         try:
             data = response.json()
         except ValueError:
+            if response.status_code < 400:  # a 200 cut short or garbled: never read it as "nothing"
+                raise HordeUnreachable(f"{method} /v2/{path.split('?')[0]}: unreadable answer "
+                                       f"(HTTP {response.status_code}, {len(response.content)} bytes)") from None
             data = {}
         if response.status_code >= 400:
             if not isinstance(data, dict):
@@ -190,7 +203,13 @@ class HordeClient:
     def pop(self, request: PopRequest, retry: RetryPolicy | None = None) -> PopResponse:
         """POST /v2/generate/pop."""
         data = self._api("POST", "generate/pop", json=request.model_dump(), retry=retry)
-        return PopResponse.model_validate(data)
+        if not isinstance(data, dict):
+            raise MalformedPop(data, f"the answer is a {type(data).__name__}, not an object")
+        try:
+            return PopResponse.model_validate(data)
+        except ValidationError as exc:
+            problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()[:5])
+            raise MalformedPop(data, problems) from None
 
     def submit(self, request: SubmitRequest, retry: RetryPolicy | None = None) -> tuple[SubmitOutcome, float]:
         """POST /v2/generate/submit; returns the outcome and the reward."""
@@ -204,7 +223,11 @@ class HordeClient:
             if exc.rc == "InvalidJobID":
                 return SubmitOutcome.INVALID_ID, 0.0
             raise
-        return SubmitOutcome.ACCEPTED, float(data.get("reward", 0.0))
+        reward = data.get("reward", 0.0) if isinstance(data, dict) else 0.0
+        try:
+            return SubmitOutcome.ACCEPTED, float(reward or 0.0)
+        except (TypeError, ValueError):
+            return SubmitOutcome.ACCEPTED, 0.0
 
     def upload(self, url: str, data: bytes, retry: RetryPolicy | None = None) -> None:
         """PUT image bytes to a presigned URL (no API key goes there)."""

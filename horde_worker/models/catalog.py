@@ -32,6 +32,15 @@ class ServedModel:
     path: Path
     baseline: str
     v_prediction: bool = False
+    # The reference's step limits for this model (min_steps / max_steps), when it gives any.
+    min_steps: int | None = None
+    max_steps: int | None = None
+
+    @property
+    def requirements(self) -> dict[str, int]:
+        """The step limits as bounds_reason reads them."""
+        limits = {"min_steps": self.min_steps, "max_steps": self.max_steps}
+        return {key: value for key, value in limits.items() if value is not None}
 
 
 class ModelCatalog:
@@ -127,5 +136,18 @@ def plan_catalog(models_to_load: list[str], models_to_skip: list[str], cache_hom
         if missing:
             plan.to_download += [(entry, task) for task in missing]
         else:
-            plan.ready.append(ServedModel(entry.name, path, entry.baseline, entry.v_prediction))
+            plan.ready.append(served_from_entry(entry, path))
     return plan
+
+
+def served_from_entry(entry: ModelEntry, path: Path) -> ServedModel:
+    """The ServedModel of a reference entry whose checkpoint is at `path`."""
+    return ServedModel(entry.name, path, entry.baseline, entry.v_prediction,
+                       _int_or_none(entry.requirements.get("min_steps")), _int_or_none(entry.requirements.get("max_steps")))
+
+
+def _int_or_none(value: object) -> int | None:
+    try:
+        return int(value) if value is not None else None
+    except (TypeError, ValueError):
+        return None

@@ -3,6 +3,10 @@
     GENERATED --safety check--> CHECKED (each image kept, or replaced by its censor image)
               --check failed--> FAULTED (no image leaves unchecked)
     CHECKED -> ENCODED (journaled) -> UPLOADED -> SUBMITTED
+
+The journal is a safety net, not a step: when it cannot be written (disk full, read-only) the
+images still go out, by upload or inside the submit. A faulted job whose TTL is over is not
+submitted: the horde has already given it to someone else.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from horde_worker.horde.client import HordeError, HordeUnreachable, RetryPolicy,
 from horde_worker.safety.censor import decide
 from horde_worker.supervisor import jobspec
 from horde_worker.supervisor.job import Job, JobState
+from horde_worker.supervisor.journal import JournalUnavailable
 from horde_worker.supervisor.safety_client import SafetyUnavailable
 
 if TYPE_CHECKING:
@@ -25,6 +30,8 @@ if TYPE_CHECKING:
 
 # The horde flags a worker whose job goes from pop to submit faster than this.
 SUSPICIOUS_MPS = 20.0
+# While stopping, how long a submit that keeps failing is tried before the job is left in the journal.
+STOPPING_PATIENCE = 60.0
 
 
 class Delivery:
@@ -39,7 +46,8 @@ class Delivery:
         try:
             if self.sup.safety is None:
                 raise SafetyUnavailable("this worker has no safety checker")
-            answer = await asyncio.to_thread(self.sup.safety.check, job.id, job.images, payload.prompt)
+            answer = await asyncio.get_running_loop().run_in_executor(
+                self.sup.safety_executor, self.sup.safety.check, job.id, job.images, payload.prompt)
         except SafetyUnavailable as exc:
             logger.error("job {}: the safety check failed ({}); submitted as faulted, no unchecked image leaves",
                          job.id, exc)
@@ -60,6 +68,13 @@ class Delivery:
                                concepts or "-")
         job.advance(JobState.CHECKED)
 
+    async def _record(self, job: Job) -> None:
+        """Journal the job; a journal that cannot be written is reported and the delivery goes on."""
+        try:
+            await asyncio.to_thread(self.sup.journal.record, job)
+        except JournalUnavailable as exc:
+            logger.warning("{}; the job is delivered without its journal entry", exc)
+
     async def finish(self, job: Job) -> None:
         """Encode, upload and submit a generated job, or submit a faulted one."""
         if job.state is JobState.GENERATED:
@@ -69,12 +84,19 @@ class Delivery:
             job.images = []
             job.uploaded = [False] * len(job.webp)
             job.advance(JobState.ENCODED)
-            await asyncio.to_thread(self.sup.journal.record, job)
+            await self._record(job)
             await self._upload(job)
-        elif job.state is JobState.ENCODED:  # resumed from the journal
+        elif job.state is JobState.ENCODED:  # resumed from the journal, or delivered again
             await self._upload(job)
         elif job.state is JobState.FAULTED:
-            await asyncio.to_thread(self.sup.journal.record, job)
+            if time.time() > job.deadline:
+                logger.warning("job {} faulted after its time limit; the horde has handed it out again ({})",
+                               job.id, job.fault_reason)
+                self.sup.stats.jobs_abandoned += 1
+                job.advance(JobState.ABANDONED)
+                self.sup.forget(job)
+                return
+            await self._record(job)
         await self._hold_for_pace(job)
         await self._submit(job)
 
@@ -89,7 +111,7 @@ class Delivery:
                 job.uploaded[index] = True
             except HordeUnreachable as exc:
                 logger.warning("upload for {} failed ({}); the image goes in the submit instead", job.ids[index], exc)
-        await asyncio.to_thread(self.sup.journal.record, job)
+        await self._record(job)
         if job.state is JobState.ENCODED and all(job.uploaded):
             job.advance(JobState.UPLOADED)
 
@@ -105,7 +127,7 @@ class Delivery:
             await asyncio.sleep(delay)
 
     async def _submit(self, job: Job) -> None:
-        answered_ok, deadline = 0, time.monotonic() + self.sup.submit_patience
+        answered_ok, started = 0, time.monotonic()
         for index, job_id in enumerate(job.ids):
             if job_id in job.submitted_ids:
                 continue
@@ -118,9 +140,14 @@ class Delivery:
                     break
                 except HordeUnreachable as exc:
                     attempt += 1
-                    if time.monotonic() > deadline:
-                        logger.error("submit of {} keeps failing ({}); kept on disk for the next start", job_id, exc)
-                        self.sup._forget(job, keep_journal=True)
+                    patience = min(self.sup.submit_patience, STOPPING_PATIENCE) if self.sup.stopping \
+                        else self.sup.submit_patience
+                    if time.monotonic() - started > patience:
+                        kept = "kept on disk for the next start" if job.journaled else "it could not be kept on disk"
+                        logger.error("submit of {} keeps failing ({}); {}", job_id, exc, kept)
+                        self.sup.stats.jobs_abandoned += 1
+                        job.advance(JobState.ABANDONED)
+                        self.sup.forget(job, keep_journal=True)
                         return
                     await asyncio.sleep(min(60.0, 2**attempt * random.uniform(0.5, 1.0)))
                 except HordeError as exc:
@@ -135,7 +162,7 @@ class Delivery:
             else:
                 logger.warning("job {} was {} by the horde: it was not credited", job_id,
                                "aborted (too slow)" if outcome is SubmitOutcome.ABORTED else "unknown")
-            await asyncio.to_thread(self.sup.journal.record, job)
+            await self._record(job)
         if job.fault_reason is not None:
             self.sup.stats.jobs_faulted += 1
             job.advance(JobState.SUBMITTED)
@@ -148,4 +175,4 @@ class Delivery:
         else:
             self.sup.stats.jobs_abandoned += 1
             job.advance(JobState.ABANDONED)
-        self.sup._forget(job)
+        self.sup.forget(job)

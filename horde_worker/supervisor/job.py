@@ -91,6 +91,11 @@ class Job:
     history: list[tuple[float, JobState]] = field(default_factory=list)
     started_at: float | None = None
     generated_at: float | None = None
+    # Time limits of a running job: when its last step (or its start) was seen, and when it was asked to stop.
+    last_progress_at: float | None = None
+    first_step: tuple[float, int] | None = None  # (when, which) the first step reported by the process
+    journaled: bool = False  # a complete journal entry exists
+    finish_failures: int = 0
     # Fetched before the job queues; never journaled (a resumed job only needs its submit).
     inputs: Any = None
     loras: list[Any] = field(default_factory=list)
@@ -130,7 +135,9 @@ class Job:
         if target is JobState.FAULTED:
             self.fault_reason = reason or "unknown failure"
         if target is JobState.RUNNING:
-            self.started_at = time.time()
+            self.started_at = self.last_progress_at = time.time()
+            self.first_step = None
+            self.progress = (0, 0)
         if target is JobState.GENERATED:
             self.generated_at = time.time()
         self.state = target

@@ -112,6 +112,16 @@ def notes_metadata(notes: list[tuple[str, str, str | None]]) -> list[GenMetadata
             for kind, value, ref in notes]
 
 
+MAX_GEN_METADATA = 50
+
+
+def fault_metadata(job: Job) -> list[GenMetadata]:
+    """A faulted submit's gen_metadata: what was noted on the way, then the reason, within the horde's limits."""
+    reason = GenMetadata(type=GenMetadataType.INFORMATION, value=GenMetadataValue.SEE_REF,
+                         ref=f"faulted: {job.fault_reason}"[:255])
+    return [*job.gen_metadata[:MAX_GEN_METADATA - 1], reason]
+
+
 def encode_webp(image: Any, quality: int = 95) -> bytes:
     """HxWxC uint8 pixels as WebP bytes."""
     from PIL import Image
@@ -127,10 +137,10 @@ def submit_body(job: Job, index: int) -> SubmitRequest:
     seed = job.seeds[index] if index < len(job.seeds) else base_seed(job.pop.payload)
     if job.fault_reason is not None:
         return SubmitRequest(id=job_id, generation="R2", seed=seed, state=SubmitState.FAULTED,
-                             gen_metadata=job.gen_metadata)
+                             gen_metadata=fault_metadata(job))
     uploaded = index < len(job.uploaded) and job.uploaded[index]
     generation = "R2" if uploaded else base64.b64encode(job.webp[index]).decode()
     state = job.image_states[index] if index < len(job.image_states) else SubmitState.OK
     own = job.image_metadata[index] if index < len(job.image_metadata) else []
     return SubmitRequest(id=job_id, generation=generation, seed=seed, state=state,
-                         gen_metadata=[*job.gen_metadata, *own])
+                         gen_metadata=[*job.gen_metadata[:MAX_GEN_METADATA - len(own)], *own])

@@ -3,22 +3,27 @@
 One asyncio loop in the main process. Blocking HTTP runs in threads, inference in the slot
 processes, so the GPU never waits on the network: the next job is popped and queued, and the
 last job is encoded, uploaded and submitted, while the current one samples.
+
+Every job ends: whatever a job's own work raises, in any stage, `fault` moves it to FAULTED with
+the reason and submits it (a job whose images are already encoded is delivered again instead),
+and the worker goes on. The time keeper faults or stops what would outlive its TTL.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 from loguru import logger
 
 from horde_worker import BRIDGE_AGENT
 from horde_worker.config.bridge_data import BridgeData
-from horde_worker.horde.client import HordeClient, HordeError, HordeUnreachable, RetryPolicy
+from horde_worker.horde.client import HordeClient, HordeError, HordeUnreachable
 from horde_worker.horde.wire import PopRequest, PopResponse
 from horde_worker.inference.messages import (
     GenerateFailed,
@@ -32,34 +37,30 @@ from horde_worker.inference.messages import (
 )
 from horde_worker.models.catalog import ModelCatalog
 from horde_worker.supervisor import jobspec
+from horde_worker.supervisor.bounds import bounds_reason
 from horde_worker.supervisor.delivery import Delivery
 from horde_worker.supervisor.inputs import AdapterCaches, fetch_adapters, fetch_inputs
 from horde_worker.supervisor.job import Job, JobState
 from horde_worker.supervisor.journal import Journal
+from horde_worker.supervisor.popping import Popper, fingerprint, sleep_until
 from horde_worker.supervisor.safety_client import SafetyClient
 from horde_worker.supervisor.scheduler import Scheduler
 from horde_worker.supervisor.slots import Slot, SlotPool
 from horde_worker.supervisor.stats import SessionStats, status_line
+from horde_worker.supervisor.timelimits import TimeKeeper
 
-# Pop errors that no retry can fix: the owner must change something.
-FATAL_POP_ERRORS = {
-    "InvalidAPIKey": "the API key is not valid: check api_key in bridgeData.yaml",
-    "AnonForbiddenWorker": "workers need a registered API key: set api_key in bridgeData.yaml",
-    "WrongCredentials": "this dreamer_name belongs to another user: choose another dreamer_name",
-    "ProfaneWorkerName": "the horde refused this dreamer_name: choose another one",
-    "TooManyWorkers": "this account runs as many workers as it may",
-    "WorkerInviteOnly": "this horde only accepts invited workers",
-}
+# How often delivery may be tried again for one job before it is given up (its journal entry stays).
+MAX_FINISH_TRIES = 3
 
 
 class Supervisor:
-    """Runs the worker until asked to stop, then drains: running jobs finish and are submitted."""
+    """Runs the worker until asked to stop, then drains: jobs that can still finish are finished and submitted."""
 
     def __init__(self, settings: BridgeData, client: HordeClient, catalog: ModelCatalog, slot_specs: list[SlotSpec],
                  journal_dir: Path, *, pop_interval: float = 1.0, maintenance_interval: float = 60.0,
                  submit_patience: float = 1800.0, stop_condition: Callable[[], bool] | None = None,
                  on_tick: Callable[[float], None] | None = None, config_poll: Callable[[], None] | None = None,
-                 safety: SafetyClient | None = None) -> None:
+                 safety: SafetyClient | None = None, slot_target: Callable | None = None) -> None:
         self.settings = settings
         self.client = client
         self.catalog = catalog
@@ -79,17 +80,23 @@ class Supervisor:
         self._wake: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: set[asyncio.Task] = set()
+        self._delivering: set[str] = set()
         self._seen_messages: set[str] = set()
+        self._slot_target = slot_target
         self.pool: SlotPool | None = None
         self.safety = safety
+        # The safety check waits on its own thread, so a slow or restarting checker never holds up pops and submits.
+        self.safety_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="safety-check")
         self.delivery = Delivery(self)
+        self.popper = Popper(self)
+        self.timekeeper = TimeKeeper(self)
         self.adapter_caches = AdapterCaches.from_settings(settings.cache_home, settings.max_lora_cache_size,
                                                           settings.civitai_api_url, settings.civitai_api_token)
 
     # --- life cycle ------------------------------------------------------------------------
 
     def request_stop(self) -> None:
-        """Stop popping; running and waiting jobs are finished and submitted."""
+        """Stop popping; jobs in hand that can still finish are finished and submitted."""
         if not self.stopping:
             logger.warning("stopping: no new jobs; finishing {} job(s) in hand (Ctrl+C again to quit now)",
                            len(self.jobs))
@@ -114,7 +121,7 @@ class Supervisor:
         if self._wake is not None:
             self._wake.set()
 
-    def _spawn(self, coro) -> None:
+    def _spawn(self, coro: Coroutine) -> None:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
@@ -123,6 +130,54 @@ class Supervisor:
         self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
             logger.opt(exception=task.exception()).error("internal task failed")
+
+    def spawn_for(self, job: Job, coro: Coroutine) -> None:
+        """Run one stage of a job's work as a task whose every failure ends in `fault`."""
+        self._spawn(self._owned(job, coro))
+
+    async def _owned(self, job: Job, coro: Coroutine) -> None:
+        try:
+            await coro
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            logger.opt(exception=exc).error("job {}: {} while {}: {}", job.id, type(exc).__name__, job.state.value, exc)
+            self.fault(job, f"{type(exc).__name__}: {exc}")
+
+    def fault(self, job: Job, reason: str) -> None:
+        """The one way a job's trouble ends: FAULTED with `reason` and submitted (or, when its images are
+        already encoded, delivered again). Safe to call for a job that already ended."""
+        if job.state.is_final or self.jobs.get(job.id) is not job:
+            return
+        if job.state is JobState.FAULTED or job.state in (JobState.ENCODED, JobState.UPLOADED):
+            job.finish_failures += 1
+            if job.finish_failures > MAX_FINISH_TRIES:
+                logger.error("job {} could not be delivered after {} tries ({}); left {}", job.id, job.finish_failures,
+                             reason, "in the journal for the next start" if job.journaled else "unanswered")
+                self.stats.jobs_abandoned += 1
+                job.advance(JobState.ABANDONED)
+                self.forget(job, keep_journal=job.journaled)
+                return
+        else:
+            logger.error("job {} faulted: {}", job.id, reason)
+            self.scheduler.remove(job)
+            job.images = []
+            job.advance(JobState.FAULTED, reason)
+        self.finish(job)
+
+    def finish(self, job: Job) -> None:
+        """Start the delivery of a job that is generated or faulted, unless one is under way."""
+        if job.id in self._delivering:
+            return
+        self._delivering.add(job.id)
+
+        async def deliver() -> None:
+            try:
+                await self.delivery.finish(job)
+            finally:
+                self._delivering.discard(job.id)
+
+        self.spawn_for(job, deliver())
 
     def _threadsafe(self, callback):
         def call(*args) -> None:
@@ -134,34 +189,51 @@ class Supervisor:
         """The supervisor's main loop; returns the process exit code."""
         self._loop = asyncio.get_running_loop()
         self._wake = asyncio.Event()
-        self.pool = SlotPool(self.slot_specs, self._threadsafe(self._on_message), self._threadsafe(self._on_death))
+        self.pool = SlotPool(self.slot_specs, self._threadsafe(self._on_message), self._threadsafe(self._on_death),
+                             target=self._slot_target)
         self.pool.start()
         await self._prepare_worker()
         for job in self.journal.pending():
             logger.info("resuming the submit of job {} left from an earlier run", job.id)
             self.jobs[job.id] = job
-            self._spawn(self._finish(job))
-        self._spawn(self._pop_loop())
+            self.finish(job)
+        self._spawn(self.popper.run())
         last = time.monotonic()
         while True:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=1.0)
             self._wake.clear()
             now = time.monotonic()
-            if self.on_tick is not None:
-                self.on_tick(now - last)
+            try:
+                self._tick(now - last)
+            except Exception as exc:  # the loop itself must outlive any bug in one tick
+                logger.opt(exception=exc).error("supervisor tick failed: {}", exc)
             last = now
-            if self.config_poll is not None:
-                self.config_poll()
-            if not self.stopping and self.stop_condition is not None and not self.jobs and self.stop_condition():
-                self.stopping = True
-            self._dispatch()
-            if self.stopping and not self.jobs:
+            if self.stopping and not self.jobs and not self.popper.in_flight:
                 break
         await asyncio.to_thread(self.pool.stop)
         for task in list(self._tasks):
             task.cancel()
+        self.safety_executor.shutdown(wait=False, cancel_futures=True)
         return 1 if self.fatal else 0
+
+    def _tick(self, elapsed: float) -> None:
+        if self.on_tick is not None:
+            self.on_tick(elapsed)
+        if self.config_poll is not None:
+            try:
+                self.config_poll()
+            except Exception as exc:
+                logger.error("settings file check failed ({}: {}); keeping the previous settings",
+                             type(exc).__name__, exc)
+        if not self.stopping and self.stop_condition is not None and not self.jobs and self.stop_condition():
+            self.stopping = True
+        needs_slot = any(j.state is JobState.QUEUED for j in self.jobs.values())
+        if not self.stopping or needs_slot:
+            for slot in self.pool.restart_due():
+                logger.info("inference slot {} restarted (attempt {} in a row)", slot.spec.slot, slot.failures_in_row)
+        self.timekeeper.sweep()
+        self._dispatch()
 
     async def _prepare_worker(self) -> None:
         if not self.settings.remove_maintenance_on_init:
@@ -179,9 +251,10 @@ class Supervisor:
     def pop_request(self) -> PopRequest:
         """What this worker asks the horde for; it claims only what it can do faithfully."""
         s = self.settings
+        working = [slot for slot in self.pool.slots if slot.usable] if self.pool is not None else self.slot_specs
         return PopRequest(
             name=s.dreamer_name, models=self.catalog.names(), bridge_agent=BRIDGE_AGENT,
-            threads=len(self.slot_specs), amount=s.max_batch, max_pixels=s.max_pixels, nsfw=s.nsfw,
+            threads=max(1, len(working)), amount=s.max_batch, max_pixels=s.max_pixels, nsfw=s.nsfw,
             blacklist=s.blacklist, priority_usernames=s.priority_usernames,
             allow_img2img=s.allow_img2img, allow_painting=s.allow_painting, allow_unsafe_ipaddr=s.allow_unsafe_ip,
             allow_post_processing=s.allow_post_processing and self.catalog.postprocess.offered,
@@ -191,84 +264,64 @@ class Supervisor:
             require_upfront_kudos=s.require_upfront_kudos,
         )
 
-    def _room_to_pop(self) -> bool:
+    def room_to_pop(self) -> bool:
+        """Whether another job fits: the queue is short of queue_size plus the free working slots."""
+        working = [slot for slot in self.pool.slots if slot.usable]
+        if not working:
+            return False
         waiting = sum(1 for j in self.jobs.values()
                       if j.state in (JobState.POPPED, JobState.INPUTS_READY, JobState.QUEUED))
-        free_slots = sum(1 for slot in self.pool.slots if slot.job_id is None)
+        free_slots = sum(1 for slot in working if slot.job_id is None)
         return waiting < self.settings.queue_size + free_slots
 
-    async def _pop_loop(self) -> None:
-        failures = 0
-        while not self.stopping:
-            if not self._room_to_pop():
-                await asyncio.sleep(0.05)
-                continue
-            try:
-                pop = await asyncio.to_thread(self.client.pop, self.pop_request(),
-                                              RetryPolicy(attempts=3, base_delay=0.5, max_delay=10))
-                failures = 0
-            except HordeError as exc:
-                if exc.rc in FATAL_POP_ERRORS:
-                    self.fatal = f"{FATAL_POP_ERRORS[exc.rc]} ({exc.message})"
-                    logger.error("the horde refused this worker: {}", self.fatal)
-                    self.request_stop()
-                    return
-                if exc.rc in ("WorkerMaintenance", "WorkerFlaggedMaintenance"):
-                    logger.warning(
-                        "the horde has put this worker in maintenance ({}). Jobs failed too often: look at "
-                        "logs/trace.log, fix the cause, then clear it on the horde's worker page or with "
-                        "remove_maintenance_on_init: true and a restart. Asking again in {:.0f}s.",
-                        exc.message, self.maintenance_interval)
-                    await self._sleep_unless_stopping(self.maintenance_interval)
-                    continue
-                failures += 1
-                logger.warning("pop refused: {}", exc)
-                await self._sleep_unless_stopping(min(60.0, 2**failures))
-                continue
-            except HordeUnreachable as exc:
-                failures += 1
-                logger.warning("horde unreachable: {}; trying again", exc)
-                await self._sleep_unless_stopping(min(60.0, 2**failures * random.uniform(0.5, 1.0)))
-                continue
-            self._show_messages(pop)
-            if not pop.has_job:
-                await self._sleep_unless_stopping(self.pop_interval)
-                continue
-            job = Job(pop=pop)
-            self.jobs[job.id] = job
-            logger.info("popped job {} ({} x {}x{} {} steps, model {})", job.id, len(job.ids), pop.payload.width,
-                        pop.payload.height, pop.payload.ddim_steps, job.model)
-            self._spawn(self._prepare(job))
+    async def sleep_unless_stopping(self, seconds: float) -> None:
+        """Sleep, waking early when the worker starts stopping."""
+        await sleep_until(time.monotonic() + seconds, lambda: self.stopping)
 
-    async def _sleep_unless_stopping(self, seconds: float) -> None:
-        end = time.monotonic() + seconds
-        while not self.stopping and time.monotonic() < end:
-            await asyncio.sleep(min(0.2, end - time.monotonic()))
-
-    def _show_messages(self, pop: PopResponse) -> None:
+    def show_messages(self, pop: PopResponse) -> None:
+        """Log each moderator message once."""
         for message in pop.messages:
             key = message.id or message.message
             if key not in self._seen_messages:
                 self._seen_messages.add(key)
                 logger.warning("message from the horde's moderators: {}", message.message)
 
+    def stop_stale_copies(self, print_: tuple) -> None:
+        """A newly popped request that matches a job in hand whose TTL is (nearly) over: the horde has aborted
+        the old copy and handed the request out again, so the old copy is stopped."""
+        now = time.time()
+        for job in list(self.jobs.values()):
+            if job.state in (JobState.QUEUED, JobState.RUNNING, JobState.POSTPROCESSING) \
+                    and job.deadline - now < self.timekeeper.margin and fingerprint(job.pop) == print_:
+                logger.warning("job {} was handed out again by the horde; stopping the old copy", job.id)
+                if job.state is JobState.RUNNING:
+                    self.timekeeper.stop_running(job, "the horde handed the same request out again")
+                else:
+                    self.fault(job, "the horde handed the same request out again")
+
     # --- preparing and running ---------------------------------------------------------------
 
-    async def _prepare(self, job: Job) -> None:
+    async def prepare(self, job: Job) -> None:
+        """Check the job against the worker's limits, fetch its inputs, and queue it."""
+        catalog, s = self.catalog, self.settings
         job.seeds = jobspec.seeds_for(job.pop.payload, len(job.ids))
-        reason = jobspec.unsupported_reason(job, self.catalog)
-        if reason is None:
-            job.inputs = await asyncio.to_thread(fetch_inputs, self.client, job.pop)
-            job.gen_metadata.extend(job.inputs.notes)
-            if job.pop.payload.loras or job.pop.payload.tis:
-                job.loras, job.tis = await asyncio.to_thread(
-                    fetch_adapters, self.adapter_caches, job.pop, self.catalog.get(job.model).baseline,
-                    job.gen_metadata)
+        model = catalog.get(job.model) if catalog.has(job.model) else None
+        reason = bounds_reason(job.pop, max_pixels=s.max_pixels, max_batch=s.max_batch,
+                               requirements=model.requirements if model is not None else None)
+        reason = reason or jobspec.unsupported_reason(job, catalog)
         if reason is not None:
-            logger.error("job {} cannot be done: {}", job.id, reason)
-            job.advance(JobState.FAULTED, reason)
-            await self._finish(job)
+            self.fault(job, reason)
             return
+        inputs = await asyncio.to_thread(fetch_inputs, self.client, job.pop, allow_unsafe_ip=s.allow_unsafe_ip)
+        if job.state is not JobState.POPPED:  # ended meanwhile (time limit)
+            return
+        job.inputs = inputs
+        job.gen_metadata.extend(inputs.notes)
+        if job.pop.payload.loras or job.pop.payload.tis:
+            job.loras, job.tis = await asyncio.to_thread(
+                fetch_adapters, self.adapter_caches, job.pop, model.baseline, job.gen_metadata, allow_lora=s.allow_lora)
+            if job.state is not JobState.POPPED:
+                return
         job.advance(JobState.INPUTS_READY)
         self.scheduler.add(job)
         self._dispatch()
@@ -281,20 +334,23 @@ class Supervisor:
             if job is None:
                 continue
             if not self.catalog.has(job.model):
-                job.advance(JobState.FAULTED, f"model {job.model!r} is no longer served")
-                self._spawn(self._finish(job))
+                self.fault(job, f"model {job.model!r} is no longer served")
                 continue
-            if time.time() > job.deadline:
-                job.advance(JobState.ABANDONED)
-                logger.warning("job {} waited past its TTL; the horde has given it to someone else", job.id)
-                self._forget(job)
+            try:
+                request = jobspec.generate_request(job, self.catalog)
+            except Exception as exc:
+                self.fault(job, f"{type(exc).__name__}: {exc}")
                 continue
             job.attempts += 1
             job.slot = slot.spec.slot
             slot.job_id = job.id
             job.advance(JobState.RUNNING)
+            if not self.pool.send(slot, request):
+                slot.job_id = None
+                job.attempts -= 1
+                self.scheduler.add(job, front=True)
+                continue
             self.stats.job_started()
-            self.pool.send(slot, jobspec.generate_request(job, self.catalog))
             self._preload_next(slot)
 
     def _preload_next(self, slot: Slot) -> None:
@@ -303,10 +359,25 @@ class Supervisor:
         if upcoming is None or upcoming.model in slot.resident or upcoming.model in slot.preloading:
             return
         model = self.catalog.get(upcoming.model)
-        slot.preloading.add(model.name)
-        self.pool.send(slot, Preload(model.name, str(model.path), model.v_prediction))
+        if self.pool.send(slot, Preload(model.name, str(model.path), model.v_prediction)):
+            slot.preloading.add(model.name)
+
+    def slot_of(self, job: Job) -> Slot | None:
+        """The slot sampling `job`, if any."""
+        return next((slot for slot in self.pool.slots if slot.job_id == job.id), None)
 
     def _on_message(self, slot: Slot, message: object) -> None:
+        try:
+            self._handle_message(slot, message)
+        except Exception as exc:
+            logger.opt(exception=exc).error("message {} from slot {} could not be handled", type(message).__name__,
+                                            slot.spec.slot)
+            job = self.jobs.get(getattr(message, "job_id", ""))
+            if job is not None:
+                self.fault(job, f"{type(exc).__name__}: {exc}")
+        self._poke()
+
+    def _handle_message(self, slot: Slot, message: object) -> None:
         if isinstance(message, SlotReady):
             slot.ready = True
             logger.info("inference slot {} ready on {}", slot.spec.slot, message.device_name)
@@ -320,11 +391,14 @@ class Supervisor:
                             message.seconds)
         elif isinstance(message, Progress):
             job = self.jobs.get(message.job_id)
-            if job is not None:
+            if job is not None and job.state is JobState.RUNNING:
                 job.progress = (message.step, message.total)
+                job.last_progress_at = time.time()
+                if job.first_step is None and message.step >= 1:
+                    job.first_step = (job.last_progress_at, message.step)
         elif isinstance(message, SamplingDone):
             if slot.job_id == message.job_id:
-                slot.job_id = None
+                slot.job_id, slot.stop_asked_at = None, None
             slot.resident = list(message.resident_models)
             job = self.jobs.get(message.job_id)
             if job is not None and job.state is JobState.RUNNING:
@@ -333,19 +407,17 @@ class Supervisor:
                             job.id, message.sample_seconds)
         elif isinstance(message, GenerateResult | GenerateFailed):
             self._on_job_done(slot, message)
-        self._poke()
 
     def _on_job_done(self, slot: Slot, message: GenerateResult | GenerateFailed) -> None:
         if slot.job_id == message.job_id:
-            slot.job_id = None
+            slot.job_id, slot.stop_asked_at = None, None
+        slot.failures_in_row = 0  # the process answers jobs: whatever killed it before is behind it
         slot.resident = list(message.resident_models)
         job = self.jobs.get(message.job_id)
         if job is None or job.state not in (JobState.RUNNING, JobState.POSTPROCESSING):
             return
         if isinstance(message, GenerateFailed):
-            logger.error("job {} failed: {}", job.id, message.reason)
-            job.advance(JobState.FAULTED, message.reason)
-            self._spawn(self._finish(job))
+            self.fault(job, message.reason)
             return
         job.images = list(message.images)
         job.gen_metadata.extend(jobspec.notes_metadata(message.notes))
@@ -360,34 +432,57 @@ class Supervisor:
                         message.load_seconds)
         extra = f" + {message.postprocess_seconds:.2f}s post-processing" if message.postprocess_seconds else ""
         logger.info("job {} generated in {:.2f}s{}", job.id, message.sample_seconds, extra)
-        self._spawn(self._finish(job))
+        self.finish(job)
 
     def _on_death(self, slot: Slot, exit_code: int | None) -> None:
+        try:
+            self._handle_death(slot, exit_code)
+        except Exception as exc:
+            logger.opt(exception=exc).error("the death of slot {} could not be handled", slot.spec.slot)
+        self._poke()
+
+    def _handle_death(self, slot: Slot, exit_code: int | None) -> None:
         # The job it was sampling and any it was post-processing beside it.
         lost = [job for job in self.jobs.values()
                 if job.slot == slot.spec.slot and job.state in (JobState.RUNNING, JobState.POSTPROCESSING)]
-        logger.error("inference slot {} died (exit code {}); starting a new one", slot.spec.slot, exit_code)
-        slot.ready, slot.job_id = False, None
-        if not self.stopping or lost:
-            self.pool.restart(slot)
+        on_purpose = slot.killed_on_purpose
+        delay = self.pool.record_death(slot, counts=not on_purpose)
+        if delay is None:
+            logger.error("inference slot {} on {} is unusable: {}. The worker goes on with the slots that work.",
+                         slot.spec.slot, slot.spec.device, slot.unusable)
+            self._check_slots_left()
+        elif not on_purpose:
+            logger.error("inference slot {} died (exit code {}); starting a new one{}", slot.spec.slot, exit_code,
+                         f" in {delay:.0f}s" if delay else "")
+        any_usable = any(s.usable for s in self.pool.slots)
         for job in lost:
             spent = time.time() - (job.started_at or job.popped_at)
-            if job.attempts < 2 and time.time() + spent * 1.5 + 10 < job.deadline:
-                logger.warning("job {} runs again on the new process", job.id)
-                self.scheduler.add(job)
+            if any_usable and job.attempts < 2 and time.time() + spent * 1.5 + self.timekeeper.margin < job.deadline:
+                logger.warning("job {} runs again on a new process", job.id)
+                self.scheduler.add(job, front=True)
             else:
-                job.advance(JobState.FAULTED, f"inference process died (exit code {exit_code})")
-                self._spawn(self._finish(job))
-        self._poke()
+                self.fault(job, f"inference process died (exit code {exit_code})")
+
+    def _check_slots_left(self) -> None:
+        unusable = [slot for slot in self.pool.slots if not slot.usable]
+        if len(unusable) == len(self.pool.slots):
+            self.fatal = "no inference slot works: " + "; ".join(
+                f"slot {slot.spec.slot} on {slot.spec.device}: {slot.unusable}" for slot in unusable)
+            logger.error("{}. Stopping.", self.fatal)
+            self.request_stop()
+        elif self.settings.exit_on_unhandled_faults:
+            self.fatal = f"slot {unusable[-1].spec.slot} on {unusable[-1].spec.device} is unusable " \
+                         f"({unusable[-1].unusable}) and exit_on_unhandled_faults is set"
+            logger.error("{}. Stopping.", self.fatal)
+            self.request_stop()
 
     # --- results -----------------------------------------------------------------------------
 
-    async def _finish(self, job: Job) -> None:
-        await self.delivery.finish(job)
-
-    def _forget(self, job: Job, keep_journal: bool = False) -> None:
+    def forget(self, job: Job, keep_journal: bool = False) -> None:
+        """Drop a job that has ended (its journal entry too, unless it must be submitted at the next start)."""
         if not keep_journal:
-            self.journal.forget(job)
+            with contextlib.suppress(OSError):
+                self.journal.forget(job)
         self.scheduler.remove(job)
         self.jobs.pop(job.id, None)
         self._poke()
@@ -396,4 +491,5 @@ class Supervisor:
 
     def status_text(self) -> str:
         """The live status line."""
-        return status_line(list(self.jobs.values()), self.stats)
+        slots: list[Any] = list(self.pool.slots) if self.pool is not None else []
+        return status_line(list(self.jobs.values()), self.stats, unusable=[s.spec.slot for s in slots if not s.usable])

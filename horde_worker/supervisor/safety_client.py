@@ -10,12 +10,17 @@ from __future__ import annotations
 import contextlib
 import multiprocessing as mp
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
 from loguru import logger
 
+from horde_worker.inference.process_guard import sigint_ignored
 from horde_worker.safety.messages import SafetyCheck, SafetyFailed, SafetyReady, SafetyVerdicts
+
+# After a failed (re)start, checks fail at once for this long instead of each waiting for another start.
+RESTART_COOLDOWN = 30.0
 
 
 class SafetyUnavailable(RuntimeError):
@@ -31,6 +36,7 @@ class SafetyClient:
         self._lock = threading.Lock()
         self._process: Any = None
         self._conn: Any = None
+        self._failed_start_at: float | None = None
 
     def start(self) -> None:
         from horde_worker.safety.process import safety_main
@@ -39,7 +45,8 @@ class SafetyClient:
         parent, child = context.Pipe()
         self._process = context.Process(target=safety_main, args=(child, str(self.weights), self.device, self.log_dir),
                                         name="safety", daemon=True)
-        self._process.start()
+        with sigint_ignored():  # Ctrl+C is the supervisor's to handle, not the checker's
+            self._process.start()
         child.close()
         self._conn = parent
         if not parent.poll(self.start_timeout):
@@ -64,8 +71,16 @@ class SafetyClient:
         """One verdict per image, or SafetyUnavailable."""
         with self._lock:
             if self._process is None or not self._process.is_alive():
+                if self._failed_start_at is not None and time.monotonic() - self._failed_start_at < RESTART_COOLDOWN:
+                    raise SafetyUnavailable("the safety process failed to start moments ago")
                 logger.warning("safety process not running; starting it")
-                self.start()
+                try:
+                    self.start()
+                except SafetyUnavailable:
+                    self._failed_start_at = time.monotonic()
+                    self.stop()
+                    raise
+                self._failed_start_at = None
             try:
                 self._conn.send(SafetyCheck(job_id, list(images), prompt, model_info))
                 if not self._conn.poll(timeout):
@@ -83,6 +98,12 @@ class SafetyClient:
         if not isinstance(answer, SafetyVerdicts) or len(answer.verdicts) != len(images):
             raise SafetyUnavailable(f"unexpected answer from the safety process: {answer!r}")
         return answer
+
+    def kill(self) -> None:
+        """End the process at once (second Ctrl+C)."""
+        process = self._process
+        if process is not None and process.is_alive():
+            process.kill()
 
     def stop(self) -> None:
         if self._process is not None:

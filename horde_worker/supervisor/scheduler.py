@@ -1,8 +1,9 @@
 """Which waiting job runs next on which free slot.
 
 A job for a model already resident on the slot saves a model switch, so it is preferred, but
-never at the cost of starving the oldest job: once it has been passed over `max_skips` times,
-or its TTL is half gone, it goes first.
+never at the cost of starving another: once a job has been passed over `max_skips` times, or
+its TTL is half gone, it is urgent, and the urgent job nearest its deadline goes first. A job
+that must run again (its process died) goes to the head of the queue.
 """
 
 from __future__ import annotations
@@ -21,10 +22,13 @@ class Scheduler:
     waiting: list[Job] = field(default_factory=list)
     _skips: dict[str, int] = field(default_factory=dict)
 
-    def add(self, job: Job) -> None:
-        """Queue a job whose inputs are ready (or that must run again)."""
+    def add(self, job: Job, front: bool = False) -> None:
+        """Queue a job whose inputs are ready, or (`front`) one that must run again."""
         job.advance(JobState.QUEUED)
-        self.waiting.append(job)
+        if front:
+            self.waiting.insert(0, job)
+        else:
+            self.waiting.append(job)
 
     def remove(self, job: Job) -> None:
         if job in self.waiting:
@@ -39,13 +43,15 @@ class Scheduler:
         if not self.waiting:
             return None
         now = time.time() if now is None else now
-        oldest = self.waiting[0]
-        urgent = (self._skips.get(oldest.id, 0) >= self.max_skips
-                  or now - oldest.popped_at > oldest.ttl / 2)
-        choice = oldest
-        if not urgent:
-            choice = next((j for j in self.waiting if j.model in resident_models), oldest)
-        if choice is not oldest:
-            self._skips[oldest.id] = self._skips.get(oldest.id, 0) + 1
+        urgent = [j for j in self.waiting
+                  if self._skips.get(j.id, 0) >= self.max_skips or now - j.popped_at > j.ttl / 2]
+        if urgent:
+            choice = min(urgent, key=lambda j: j.deadline)
+        else:
+            choice = next((j for j in self.waiting if j.model in resident_models), self.waiting[0])
+        for passed in self.waiting:
+            if passed is choice:
+                break
+            self._skips[passed.id] = self._skips.get(passed.id, 0) + 1
         self.remove(choice)
         return choice

@@ -58,8 +58,8 @@ class SessionStats:
                 f"kudos={self.kudos:.2f}")
 
 
-def status_line(jobs: list[Job], s: SessionStats) -> str:
-    """The live status line: jobs done, the queue, what runs now, kudos and speed."""
+def status_line(jobs: list[Job], s: SessionStats, unusable: list[int] | None = None) -> str:
+    """The live status line: jobs done, the queue, what runs now, kudos and speed, and slots given up."""
     running = [j for j in jobs if j.state is JobState.RUNNING]
     current = ""
     if running:
@@ -68,9 +68,10 @@ def status_line(jobs: list[Job], s: SessionStats) -> str:
     post = sum(1 for j in jobs if j.state is JobState.POSTPROCESSING)
     if post:
         current += f" | post-processing {post}"
-    queued = sum(1 for j in jobs if j.state in (JobState.QUEUED, JobState.INPUTS_READY))
+    queued = sum(1 for j in jobs if j.state in (JobState.POPPED, JobState.QUEUED, JobState.INPUTS_READY))
     done = f", {s.censored} censored" if s.censored else ""
     if s.postprocessed_jobs:
         done += f", {s.postprocessed_jobs} post-processed ({s.postprocess_seconds / s.postprocessed_jobs:.1f}s avg)"
+    broken = f" | UNUSABLE slot(s) {', '.join(map(str, unusable))}: see logs/trace.log" if unusable else ""
     return (f"jobs {s.jobs_done} done, {s.jobs_faulted} faulted{done} | queue {queued}{current} | "
-            f"kudos {s.kudos:.1f} ({s.kudos_per_hour:.0f}/hr) | {s.megapixelsteps_per_second:.2f} MPS/s")
+            f"kudos {s.kudos:.1f} ({s.kudos_per_hour:.0f}/hr) | {s.megapixelsteps_per_second:.2f} MPS/s{broken}")
