@@ -152,3 +152,65 @@ def start_worker(tmp_path, model_cache) -> Iterator[Callable[..., WorkerProcess]
     yield start
     for worker in started:
         worker.stop()
+
+
+class GroupWorkerProcess(WorkerProcess):
+    """The worker in its own session, so its own process group: Ctrl+C can reach every process of it at
+    once, as a terminal sends it, and teardown kills whatever it left. A restart in the same folder adds
+    to the same worker.out."""
+
+    def __init__(self, folder: Path, settings: dict, env: dict[str, str] | None = None) -> None:
+        self.folder = folder
+        (folder / "bridgeData.yaml").write_text(yaml.safe_dump(settings))
+        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "HORDE_WORKER_CPU_THREADS": "2", **(env or {})}
+        full_env = {k: v for k, v in full_env.items() if not k.startswith("AIWORKER_")}
+        self.log = open(folder / "worker.out", "a")  # noqa: SIM115
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "horde_worker", "--device", "cpu"],
+            cwd=folder, env=full_env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        self.pgid = self.process.pid
+
+    def interrupt_group(self) -> None:
+        """SIGINT to the whole process group, as Ctrl+C in a terminal."""
+        os.killpg(self.pgid, signal.SIGINT)
+
+    def kill_group(self) -> None:
+        """SIGKILL to every process left in the group."""
+        try:
+            os.killpg(self.pgid, signal.SIGKILL)
+        except ProcessLookupError:  # nothing left
+            return
+
+    def stop(self) -> None:
+        self.kill_group()
+        super().stop()
+
+
+@pytest.fixture
+def start_group_worker(tmp_path, model_cache) -> Iterator[Callable[..., GroupWorkerProcess]]:
+    """`start(horde_url, api_key, env=None, **settings)`: a GroupWorkerProcess in tmp_path with the tiny
+    model; called again, it starts the worker again in the same folder (same cache, same journal)."""
+    started: list[GroupWorkerProcess] = []
+
+    def start(horde_url: str, api_key: str, env: dict[str, str] | None = None, **overrides) -> GroupWorkerProcess:
+        cache = tmp_path / "cache"
+        (cache / "compvis").mkdir(parents=True, exist_ok=True)
+        demo = model_cache / "compvis" / "horde-worker-tiny-sd15.safetensors"
+        if not (cache / "compvis" / demo.name).exists():
+            os.link(demo, cache / "compvis" / demo.name)
+        settings = {
+            "horde_url": horde_url, "api_key": api_key, "dreamer_name": "test-worker",
+            "models_to_load": [DEMO_MODEL_NAME], "cache_home": str(cache), "max_threads": 1, "queue_size": 1,
+            "max_batch": 4, "max_power": 8, "stats_output_frequency": 5, "limited_console_messages": True,
+            "model_reference_url": "", "allow_post_processing": False,
+            "safety_model": str(model_cache / "clip" / "tiny-clip-clean.safetensors"),
+            **overrides,
+        }
+        worker = GroupWorkerProcess(tmp_path, settings, env)
+        started.append(worker)
+        return worker
+
+    yield start
+    for worker in started:
+        worker.stop()
