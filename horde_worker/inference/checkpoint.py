@@ -8,6 +8,7 @@ Scheduler and tokenizer come from files shipped in this package, so nothing is f
 
 from __future__ import annotations
 
+import contextlib
 import re
 import warnings
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.overrides import TorchFunctionMode
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
@@ -37,12 +39,32 @@ class CheckpointInfo:
     prediction_type: str
 
 
-def skip_weight_init():
-    """Random initialisation is wasted on modules whose every weight is loaded next (and takes
-    seconds for full-size models): skip it. `_load_exact` then insists that every weight was loaded."""
-    from transformers.initialization import no_init_weights
+class _SkipRandomInit(TorchFunctionMode):
+    """Turns the random fills of weight initialisation into no-ops.
 
-    return no_init_weights()
+    A torch function mode is thread-local: it changes nothing for another thread that builds or runs
+    modules meanwhile (the preload thread and the sampling thread both build modules), unlike patching
+    torch.nn.init, which is process-wide and breaks when two threads patch and restore it out of order.
+    Only random fills are skipped: zeros/ones/copies stay, as non-persistent buffers may be made by them.
+    """
+
+    # torch.nn.init's own entry points that dispatch here, and the tensor methods every other one ends in
+    # (xavier_*, kaiming_normal_, trunc_normal_, and transformers' initialisers of both majors).
+    SKIPPED = frozenset({torch.nn.init.uniform_, torch.nn.init.normal_, torch.nn.init.kaiming_uniform_,
+                         torch.Tensor.uniform_, torch.Tensor.normal_})
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in self.SKIPPED:
+            return args[0] if args else kwargs.get("tensor", kwargs.get("self"))
+        return func(*args, **kwargs)
+
+
+def skip_weight_init() -> contextlib.AbstractContextManager:
+    """Random initialisation is wasted on modules whose every weight is loaded next (and takes
+    seconds for full-size models): skip it, in the calling thread only. `_load_exact` then insists
+    that every weight was loaded."""
+    return _SkipRandomInit()
 
 
 def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
