@@ -36,6 +36,9 @@ def _load_loras(pipe, loras: list[AdapterFile], notes: list[Note]) -> list[str]:
         except Exception as exc:  # any refusal of the file's keys means it is not for this model
             logger.warning("LoRA {} does not fit this model: {}", lora.name, exc)
             notes.append(("lora", "baseline_mismatch", lora.name))
+            # The loader may have put part of it in (the UNet, say, before the text encoder refused):
+            # take that part out, or this job would be made with half a LoRA it reports as left out.
+            _discard_adapter(pipe, adapter)
             continue
         loaded = {name for names_ in pipe.get_list_adapters().values() for name in names_}
         if adapter not in loaded:
@@ -47,6 +50,12 @@ def _load_loras(pipe, loras: list[AdapterFile], notes: list[Note]) -> list[str]:
     if names:
         pipe.set_adapters(names, adapter_weights=weights)
     return names
+
+
+def _discard_adapter(pipe, adapter: str) -> None:
+    loaded = {name for names_ in pipe.get_list_adapters().values() for name in names_}
+    if adapter in loaded:
+        pipe.delete_adapters([adapter])
 
 
 def _ti_targets(pipe):
@@ -132,17 +141,24 @@ def applied(model, request: GenerateRequest, notes: list[Note]) -> Iterator[tupl
     if not request.loras and not request.tis:
         yield prompts, negatives
         return
-    lora_names = _load_loras(pipe, request.loras, notes) if request.loras else []
-    tis = _load_tis(pipe, request.tis, notes) if request.tis and hasattr(pipe, "load_textual_inversion") else []
-    applied_loras = [lora for lora in request.loras if not any(n[2] == lora.name for n in notes)]
-    prompts, negatives = inject(prompts, negatives, applied_loras, tis)
-    if tis:
-        prompts = [pipe.maybe_convert_prompt(p, pipe.tokenizer) for p in prompts]
-        negatives = [pipe.maybe_convert_prompt(n, pipe.tokenizer) for n in negatives]
+    can_ti = hasattr(pipe, "load_textual_inversion")
     try:
+        # Everything from the first load on is undone in `finally`, whatever failed: a LoRA that raised
+        # half-way, a TI, the prompt conversion, the job itself (or its cancellation).
+        lora_names = _load_loras(pipe, request.loras, notes) if request.loras else []
+        tis = _load_tis(pipe, request.tis, notes) if request.tis and can_ti else []
+        applied_loras = [lora for lora in request.loras if not any(n[2] == lora.name for n in notes)]
+        prompts, negatives = inject(prompts, negatives, applied_loras, tis)
+        if tis:
+            prompts = [pipe.maybe_convert_prompt(p, pipe.tokenizer) for p in prompts]
+            negatives = [pipe.maybe_convert_prompt(n, pipe.tokenizer) for n in negatives]
+        logger.debug("adapters applied: LoRAs {}, TIs {}", lora_names, [ti.name for ti in tis])
         yield prompts, negatives
     finally:
-        if lora_names:
-            # Unloading (not just deleting the adapters) gives the layers back their original modules.
-            pipe.unload_lora_weights()
-        _unload_tis(pipe, tis)
+        try:
+            if request.loras:
+                # Unloading (not just deleting the adapters) gives the layers back their original modules.
+                pipe.unload_lora_weights()
+        finally:
+            if request.tis and can_ti:
+                _unload_tis(pipe, request.tis)
