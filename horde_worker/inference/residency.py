@@ -14,7 +14,8 @@ import gc
 import sys
 import threading
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
+from collections.abc import Iterator
 from concurrent.futures import Future
 from pathlib import Path
 
@@ -54,7 +55,13 @@ def release_memory(device: torch.device) -> None:
 
 
 class Residency:
-    """Model placement for one inference process."""
+    """Model placement for one inference process.
+
+    One lock guards every table (on_device, in_ram, sizes, pending loads, pins); disk reads run outside
+    it. Each model has at most one read in flight, registered as a Future under the lock: whoever else
+    wants that model (an acquire, a second preload) waits for it and uses its result. A model being
+    acquired or in use (`using`) is pinned, and eviction never picks a pinned model.
+    """
 
     def __init__(self, device: torch.device, dtype: torch.dtype, ram_budget: int | None, device_budget: int | None):
         self.device = device
@@ -66,6 +73,7 @@ class Residency:
         self.sizes: dict[str, int] = {}
         self._lock = threading.RLock()
         self._loading: dict[str, Future] = {}
+        self._pinned: Counter[str] = Counter()
 
     @property
     def on_cpu(self) -> bool:
@@ -87,51 +95,85 @@ class Residency:
         target = self.device if self.on_cpu else torch.device("cpu")
         return load_pipeline(Path(path), target, self.dtype, name=name, v_prediction=v_prediction)
 
-    def preload(self, name: str, path: str, v_prediction: bool = False) -> float:
-        """Read a model into RAM (on a CPU device: where it runs). Returns the seconds it took."""
+    def _load(self, name: str, path: str, v_prediction: bool) -> bool:
+        """Make sure the model is in RAM or on the device: read it, or wait for the read already under way.
+        True when this call read it from disk."""
         with self._lock:
-            if name in self.on_device or name in self.in_ram or name in self._loading:
-                return 0.0
-            future: Future = Future()
-            self._loading[name] = future
-        start = time.perf_counter()
+            if name in self.on_device or name in self.in_ram:
+                return False
+            future = self._loading.get(name)
+            reader = future is None
+            if reader:
+                future = self._loading[name] = Future()
+        if not reader:
+            future.result()  # that read's error is this caller's too
+            return False
         try:
             model = self._read(name, path, v_prediction)
             size = pipeline_bytes(model)
             with self._lock:
                 self.sizes[name] = size
-                self._fit_ram(size, keep=set())
+                self._fit_ram(size, keep={name})
                 self.in_ram[name] = model
-            future.set_result(model)
+                # In the same locked step as the insert: the model is never "neither loading nor held".
+                del self._loading[name]
         except BaseException as exc:
-            future.set_exception(exc)
-            raise
-        finally:
             with self._lock:
                 self._loading.pop(name, None)
+            future.set_exception(exc)
+            raise
+        future.set_result(None)
+        return True
+
+    def preload(self, name: str, path: str, v_prediction: bool = False) -> float:
+        """Read a model into RAM (on a CPU device: where it runs), or wait for the read of it under way.
+        Returns the seconds it took."""
+        start = time.perf_counter()
+        if not self._load(name, path, v_prediction):
+            return 0.0
         return time.perf_counter() - start
 
     def acquire(self, name: str, path: str, v_prediction: bool = False) -> tuple[LoadedModel, str, float]:
-        """The model on the device, ready to run: (model, where it came from, seconds spent)."""
+        """The model on the device, ready to run: (model, where it came from, seconds spent). It is pinned
+        while this runs; `using` keeps it pinned for as long as the job needs it."""
         start = time.perf_counter()
+        source = None
         with self._lock:
-            if name in self.on_device:
-                self.on_device.move_to_end(name)
-                return self.on_device[name], "resident", 0.0
-            pending = self._loading.get(name)
-        if pending is not None:
-            pending.result()
+            self._pinned[name] += 1
+        try:
+            while True:
+                with self._lock:
+                    if name in self.on_device:
+                        self.on_device.move_to_end(name)
+                        return self.on_device[name], source or "resident", time.perf_counter() - start
+                    if name in self.in_ram:
+                        model = self.in_ram.pop(name)
+                        self._fit_device(self.sizes[name], keep={name})
+                        if not self.on_cpu:
+                            move(model, self.device)
+                        self.on_device[name] = model
+                        return model, source or "ram", time.perf_counter() - start
+                # Pinned from here on: once loaded, nothing can evict it before the next pass takes it.
+                if self._load(name, path, v_prediction):
+                    source = "disk"
+        finally:
+            self._unpin(name)
+
+    @contextlib.contextmanager
+    def using(self, name: str, path: str, v_prediction: bool = False) -> Iterator[tuple[LoadedModel, str, float]]:
+        """`acquire` for the duration of the block: the model cannot be evicted (by a preload, say) while it runs."""
         with self._lock:
-            source = "ram" if name in self.in_ram else "disk"
-        if source == "disk":
-            self.preload(name, path, v_prediction)
+            self._pinned[name] += 1
+        try:
+            yield self.acquire(name, path, v_prediction)
+        finally:
+            self._unpin(name)
+
+    def _unpin(self, name: str) -> None:
         with self._lock:
-            model = self.in_ram.pop(name)
-            self._fit_device(self.sizes[name], keep={name})
-            if not self.on_cpu:
-                move(model, self.device)
-            self.on_device[name] = model
-        return model, source, time.perf_counter() - start
+            self._pinned[name] -= 1
+            if self._pinned[name] <= 0:
+                del self._pinned[name]
 
     # --- budgets -------------------------------------------------------------------------------
 
@@ -147,7 +189,7 @@ class Residency:
                 over = budget is not None and used + incoming > budget
             if not over:
                 return
-            victim = next((n for n in self.on_device if n not in keep), None)
+            victim = next((n for n in self.on_device if n not in keep and n not in self._pinned), None)
             if victim is None:
                 return
             model = self.on_device.pop(victim)
@@ -167,7 +209,7 @@ class Residency:
         if self.ram_budget is None:
             return
         while self.in_ram and self.ram_bytes() + incoming > self.ram_budget:
-            victim = next((n for n in self.in_ram if n not in keep), None)
+            victim = next((n for n in self.in_ram if n not in keep and n not in self._pinned), None)
             if victim is None:
                 return
             self._drop(victim, self.in_ram.pop(victim))
