@@ -103,6 +103,16 @@ class Preloaded:
 
 
 @dataclass(frozen=True)
+class CancelJob:
+    """Stop this job: skipped if still queued, otherwise stopped at its next sampling step. The process
+    answers GenerateFailed(job_id, "stopped: <reason>") and takes its next job; a job it does not
+    know (or has finished) is ignored."""
+
+    job_id: str
+    reason: str
+
+
+@dataclass(frozen=True)
 class Shutdown:
     """Finish the current message and exit."""
 

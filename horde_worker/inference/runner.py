@@ -11,12 +11,14 @@ import os
 import queue
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
 
 from horde_worker.inference.messages import (
+    CancelJob,
     GenerateFailed,
     GenerateRequest,
     GenerateResult,
@@ -28,6 +30,53 @@ from horde_worker.inference.messages import (
     SlotReady,
     SlotSpec,
 )
+from horde_worker.inference.process_guard import exit_soon, ignore_sigint, install_orphan_watchdog, parent_pid
+
+# Seconds between the supervisor's pipe closing and this process ending: its last log lines get out.
+EOF_GRACE = 0.2
+
+
+class JobCancelled(BaseException):
+    """The supervisor stopped the running job; raised from the sampling step callback.
+
+    A BaseException, so that no `except Exception` on the way out of the pipeline takes it for a
+    failure of its own and carries on."""
+
+    def __init__(self, job_id: str, reason: str) -> None:
+        super().__init__(f"job {job_id} stopped: {reason}")
+        self.job_id, self.reason = job_id, reason
+
+
+class Cancellations:
+    """The jobs this process holds (queued or sampling) and which of them the supervisor stopped.
+
+    The reader thread admits and cancels, the sampling thread asks and forgets."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._known: set[str] = set()
+        self._stopped: dict[str, str] = {}
+
+    def admit(self, job_id: str) -> None:
+        with self._lock:
+            self._known.add(job_id)
+
+    def cancel(self, job_id: str, reason: str) -> bool:
+        """Record the stop; False (and nothing recorded) for a job this process does not hold."""
+        with self._lock:
+            if job_id not in self._known:
+                return False
+            self._stopped.setdefault(job_id, reason)
+            return True
+
+    def reason(self, job_id: str) -> str | None:
+        with self._lock:
+            return self._stopped.get(job_id)
+
+    def forget(self, job_id: str) -> None:
+        with self._lock:
+            self._known.discard(job_id)
+            self._stopped.pop(job_id, None)
 
 
 def resolve_device(name: str):
@@ -79,18 +128,32 @@ class ModelRunner:
             error = f"{type(exc).__name__}: {exc}"
         return Preloaded(message.model_name, seconds, self.residency.names(), error)
 
-    def generate(self, request: GenerateRequest, send) -> GenerateResult | None:
+    def generate(self, request: GenerateRequest, send,
+                 stopped: Callable[[], str | None] = lambda: None) -> GenerateResult | None:
         """Run one job and return its images; with overlap and post-processing to do, send SamplingDone,
-        hand the rest to the post-processing thread (which sends the result) and return None."""
+        hand the rest to the post-processing thread (which sends the result) and return None.
+
+        `stopped()` gives the reason once the job was cancelled: JobCancelled is then raised before
+        sampling starts or at the next step boundary."""
         import torch
 
         from horde_worker.inference.generate import run_job
 
-        loaded, source, load_seconds = self.residency.acquire(request.model_name, request.model_path,
-                                                               request.v_prediction)
-        start = time.perf_counter()
-        with torch.inference_mode():
-            output = run_job(loaded, request, on_step=lambda s, t: send(Progress(request.job_id, s, t)))
+        def stop_if_cancelled() -> None:
+            reason = stopped()
+            if reason is not None:
+                raise JobCancelled(request.job_id, reason)
+
+        def on_step(step: int, total: int) -> None:
+            stop_if_cancelled()
+            send(Progress(request.job_id, step, total))
+
+        with self.residency.using(request.model_name, request.model_path, request.v_prediction) as held:
+            loaded, source, load_seconds = held
+            stop_if_cancelled()
+            start = time.perf_counter()
+            with torch.inference_mode():
+                output = run_job(loaded, request, on_step=on_step)
         result = GenerateResult(
             job_id=request.job_id,
             images=output.images,
@@ -152,6 +215,8 @@ class ModelRunner:
 
 def slot_main(conn, spec: SlotSpec) -> None:
     """Entry point of an inference process."""
+    ignore_sigint()  # first: a Ctrl+C meant for the supervisor must not kill a job half-way
+    install_orphan_watchdog(parent_pid())
     from loguru import logger
 
     logger.remove()
@@ -172,19 +237,29 @@ def slot_main(conn, spec: SlotSpec) -> None:
             conn.send(message)
 
     jobs: queue.Queue = queue.Queue()
+    cancels = Cancellations()
     loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="preload")
 
     def read() -> None:
-        # Reading in its own thread lets a preload start while a job samples.
+        # Reading in its own thread lets a preload start, and a cancel arrive, while a job samples.
         while True:
             try:
                 message = conn.recv()
             except (EOFError, OSError):
-                jobs.put(Shutdown())
-                return
+                # The supervisor is gone: nobody will take this job's result, so do not finish it.
+                logger.warning("slot {}: the supervisor's pipe closed; exiting", spec.slot)
+                exit_soon(EOF_GRACE)
             if isinstance(message, Preload):
                 loader.submit(lambda m=message: send(runner.preload(m)))
                 continue
+            if isinstance(message, CancelJob):
+                if cancels.cancel(message.job_id, message.reason):
+                    logger.info("job {} to be stopped: {}", message.job_id, message.reason)
+                else:
+                    logger.debug("cancel of job {} ignored: not held here", message.job_id)
+                continue
+            if isinstance(message, GenerateRequest):
+                cancels.admit(message.job_id)
             jobs.put(message)
             if isinstance(message, Shutdown):
                 return
@@ -199,13 +274,22 @@ def slot_main(conn, spec: SlotSpec) -> None:
         if not isinstance(message, GenerateRequest):
             logger.warning("unknown message {!r}", message)
             continue
+        job_id = message.job_id
         try:
-            result = runner.generate(message, send)
+            reason = cancels.reason(job_id)
+            if reason is not None:
+                raise JobCancelled(job_id, reason)  # still queued when the cancel came: never started
+            result = runner.generate(message, send, lambda j=job_id: cancels.reason(j))
             if result is not None:
                 send(result)
+        except JobCancelled as stop:
+            logger.info("job {} stopped: {}", job_id, stop.reason)
+            send(GenerateFailed(job_id, f"stopped: {stop.reason}", runner.residency.names()))
         except Exception as exc:
-            logger.exception("job {} failed", message.job_id)
-            send(GenerateFailed(message.job_id, f"{type(exc).__name__}: {exc}", runner.residency.names()))
+            logger.exception("job {} failed", job_id)
+            send(GenerateFailed(job_id, f"{type(exc).__name__}: {exc}", runner.residency.names()))
+        finally:
+            cancels.forget(job_id)
     loader.shutdown(wait=False, cancel_futures=True)
     runner.close()
     logger.info("slot {} exits", spec.slot)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from horde_worker.inference.process_guard import ignore_sigint, install_orphan_watchdog, parent_pid
 from horde_worker.safety.messages import ImageVerdict, SafetyCheck, SafetyFailed, SafetyReady, SafetyVerdicts
 
 
@@ -44,6 +45,8 @@ class Checker:
 
 def safety_main(conn, weights: str, device_name: str, log_dir: str) -> None:
     """Entry point of the safety process."""
+    ignore_sigint()  # first: the supervisor decides when this process ends, not a Ctrl+C in its terminal
+    install_orphan_watchdog(parent_pid())
     from loguru import logger
 
     logger.remove()
