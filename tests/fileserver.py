@@ -1,4 +1,11 @@
-"""A loopback file server with HTTP Range support and a switch to cut a transfer half way."""
+"""A loopback file server with HTTP Range support and switches to misbehave on purpose.
+
+Faults: `cut_once[path] = n` drops the connection after n body bytes on the next request for
+`path`, `cut_always[path] = n` on every request, `cuts[path] = [n1, n2, ...]` on the next requests
+in turn; `redirects[path] = location` answers 302; `status[path] = code` answers that status with
+an empty body; `gate`, once cleared, holds every answer until it is set again (a transfer that
+is "in progress" for as long as a test needs).
+"""
 
 from __future__ import annotations
 
@@ -8,11 +15,17 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
 class FileServer:
-    """Serves `files` (path -> bytes) on 127.0.0.1; `cut_once[path] = n` drops the connection after n bytes."""
+    """Serves `files` (path -> bytes) on 127.0.0.1, with the faults described above."""
 
     def __init__(self) -> None:
         self.files: dict[str, bytes] = {}
         self.cut_once: dict[str, int] = {}
+        self.cut_always: dict[str, int] = {}
+        self.cuts: dict[str, list[int]] = {}
+        self.redirects: dict[str, str] = {}
+        self.status: dict[str, int] = {}
+        self.gate = threading.Event()
+        self.gate.set()
         self.requests: list[tuple[str, str | None]] = []  # (path, Range header)
         server = self
 
@@ -22,23 +35,33 @@ class FileServer:
             def log_message(self, *args) -> None:
                 pass
 
+            def _empty(self, code: int, **headers: str) -> None:
+                self.send_response(code)
+                for name, value in headers.items():
+                    self.send_header(name, value)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
             def do_GET(self) -> None:  # noqa: N802
                 path = self.path.split("?")[0]
                 server.requests.append((path, self.headers.get("Range")))
+                server.gate.wait(30)
+                if path in server.redirects:
+                    self._empty(302, Location=server.redirects[path])
+                    return
+                if path in server.status:
+                    self._empty(server.status[path])
+                    return
                 data = server.files.get(path)
                 if data is None:
-                    self.send_response(404)
-                    self.send_header("Content-Length", "0")
-                    self.end_headers()
+                    self._empty(404)
                     return
                 start = 0
                 match = re.match(r"bytes=(\d+)-", self.headers.get("Range") or "")
                 if match:
                     start = int(match.group(1))
                     if start >= len(data):
-                        self.send_response(416)
-                        self.send_header("Content-Length", "0")
-                        self.end_headers()
+                        self._empty(416)
                         return
                     self.send_response(206)
                     self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
@@ -47,7 +70,9 @@ class FileServer:
                 body = data[start:]
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
-                cut = server.cut_once.pop(path, None)
+                cut = server.cut_once.pop(path, server.cut_always.get(path))
+                if cut is None and server.cuts.get(path):
+                    cut = server.cuts[path].pop(0)
                 if cut is not None:
                     self.wfile.write(body[:cut])
                     self.wfile.flush()
@@ -57,7 +82,8 @@ class FileServer:
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        # A short poll interval: shutdown() waits for one, and every test stops a server.
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
 
     @property
     def url(self) -> str:
@@ -68,5 +94,6 @@ class FileServer:
         return self
 
     def __exit__(self, *exc) -> None:
+        self.gate.set()
         self.httpd.shutdown()
         self.httpd.server_close()

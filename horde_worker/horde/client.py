@@ -8,19 +8,22 @@ a message, a repr or a URL.
 
 from __future__ import annotations
 
+import http.client
 import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import urljoin, urlsplit
 
 import requests
+import urllib3
 from loguru import logger
 from pydantic import ValidationError
 
 from horde_worker import BRIDGE_AGENT
+from horde_worker.horde.urls import refuse_reason
 from horde_worker.horde.wire import PopRequest, PopResponse, SubmitRequest
 
 
@@ -238,17 +241,94 @@ class HordeClient:
         if response.status_code >= 400:
             raise HordeUnreachable(f"upload to {redact_url(url)} refused: HTTP {response.status_code}")
 
-    def download(self, url: str, max_bytes: int, retry: RetryPolicy | None = None) -> bytes:
-        """GET a presigned URL (a source image), refusing bodies over `max_bytes`."""
-        response = self._send(
-            "GET", url, authed=False, retry=retry or self.retry, what=f"download of {redact_url(url)}", stream=True
-        )
-        if response.status_code >= 400:
-            raise HordeUnreachable(f"download of {redact_url(url)}: HTTP {response.status_code}")
-        chunks, size = [], 0
+    def download(self, url: str, max_bytes: int, retry: RetryPolicy | None = None, *, allow_private: bool = True,
+                 max_redirects: int = 3) -> bytes:
+        """GET a source image's URL (no API key goes there), refusing bodies over `max_bytes`.
+
+        Redirects are followed by hand, at most `max_redirects` of them, and every hop must pass
+        `urls.refuse_reason(hop, allow_private)` before anything connects to it. Transient failures,
+        a transfer cut mid-body included, are retried under `retry`. Every failure raises
+        HordeUnreachable; DownloadRefused (a subclass) when the URL must not be fetched at all.
+        """
+        retry = retry or self.retry
+        what = f"download of {redact_url(url)}"
+        problem = ""
+        for attempt in range(retry.attempts):
+            try:
+                return self._download_once(url, max_bytes, allow_private, max_redirects, what)
+            except _TransientDownload as exc:
+                problem, retry_after = str(exc), exc.retry_after
+            if attempt + 1 < retry.attempts:
+                delay = retry.delay(attempt, retry_after)
+                logger.debug("{} failed ({}), retry {} in {:.2f}s", what, problem, attempt + 1, delay)
+                self._sleep(delay)
+        raise HordeUnreachable(f"{what}: {problem} after {retry.attempts} attempts")
+
+    def _download_once(self, url: str, max_bytes: int, allow_private: bool, max_redirects: int, what: str) -> bytes:
+        hop = url
+        for _ in range(max_redirects + 1):
+            reason = refuse_reason(hop, allow_private)
+            if reason is not None:
+                raise DownloadRefused(f"{what} refused: {reason}")
+            try:
+                # identity: the byte cap then counts what is stored, with no decompression in between.
+                response = self._session.get(hop, timeout=self.timeout, stream=True, allow_redirects=False,
+                                             headers={"Accept-Encoding": "identity"})
+            except requests.RequestException as exc:
+                # Only the exception's class: its text can hold the URL's signature.
+                if isinstance(exc, ValueError):  # InvalidURL, InvalidSchema...: trying again cannot help
+                    raise HordeUnreachable(f"{what}: {type(exc).__name__}") from None
+                raise _TransientDownload(type(exc).__name__) from None
+            with response:
+                status = response.status_code
+                if status in REDIRECT_STATUS:
+                    location = response.headers.get("Location")
+                    if not location:
+                        raise HordeUnreachable(f"{what}: HTTP {status} without a Location")
+                    hop = urljoin(hop, location)
+                    continue
+                if status in TRANSIENT_STATUS:
+                    raise _TransientDownload(f"HTTP {status}", _retry_after(response))
+                if not 200 <= status < 300:
+                    raise HordeUnreachable(f"{what}: HTTP {status}")
+                return _read_capped(response, max_bytes, what)
+        raise DownloadRefused(f"{what}: more than {max_redirects} redirects")
+
+
+class DownloadRefused(HordeUnreachable):
+    """A download the worker must not make: a forbidden scheme or address, or too many redirects."""
+
+
+class _TransientDownload(Exception):
+    """A download attempt that may work when tried again."""
+
+    def __init__(self, problem: str, retry_after: float | None = None) -> None:
+        super().__init__(problem)
+        self.retry_after = retry_after
+
+
+REDIRECT_STATUS = {301, 302, 303, 307, 308}
+
+
+def _retry_after(response: requests.Response) -> float | None:
+    try:
+        return float(response.headers.get("Retry-After", ""))
+    except ValueError:
+        return None
+
+
+def _read_capped(response: requests.Response, max_bytes: int, what: str) -> bytes:
+    """The body of `response`, refused once it passes `max_bytes`; a cut transfer is transient."""
+    length = response.headers.get("Content-Length", "")
+    if length.isdigit() and int(length) > max_bytes:
+        raise HordeUnreachable(f"{what}: larger than {max_bytes} bytes")
+    chunks, size = [], 0
+    try:
         for chunk in response.iter_content(65536):
             size += len(chunk)
             if size > max_bytes:
-                raise HordeUnreachable(f"download of {redact_url(url)}: larger than {max_bytes} bytes")
+                raise HordeUnreachable(f"{what}: larger than {max_bytes} bytes")
             chunks.append(chunk)
-        return b"".join(chunks)
+    except (requests.RequestException, urllib3.exceptions.HTTPError, http.client.HTTPException, OSError) as exc:
+        raise _TransientDownload(f"{type(exc).__name__} after {size} bytes") from None
+    return b"".join(chunks)
