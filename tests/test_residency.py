@@ -13,6 +13,7 @@ from horde_worker.inference.messages import (
     GenerateResult,
     Preload,
     Preloaded,
+    Progress,
     SlotReady,
     SlotSpec,
 )
@@ -119,5 +120,28 @@ def test_preload_does_not_wait_for_the_running_job(tmp_path, five_models):
             seen.append(harness.next())
         kinds = [type(m).__name__ for m in seen if type(m).__name__ in ("Preloaded", "GenerateResult")]
         assert kinds == ["Preloaded", "GenerateResult"]  # the model was read while the job sampled
+    finally:
+        harness.stop()
+
+
+def test_preload_does_not_evict_the_model_of_the_running_job(tmp_path, five_models):
+    """Room for one model: a preload during a job makes room among idle models only, so the running
+    job's model stays resident (before, the preload dropped it while the job still sampled with it)."""
+    harness = SlotHarness(tmp_path, int(MODEL_BYTES * 1.5))
+    try:
+        harness.run(five_models[0], "m0", "warm")
+        harness.pool.send(harness.slot, GenerateRequest(
+            job_id="long", model_name="m0", model_path=str(five_models[0]), baseline="stable_diffusion_1",
+            prompt="x", negative_prompt="", width=256, height=256, steps=25, cfg_scale=2.0, sampler_name="k_euler",
+            karras=False, seeds=[1]))
+        while not isinstance(message := harness.next(), Progress):
+            assert not isinstance(message, int), f"inference process died ({message})"
+        harness.pool.send(harness.slot, Preload("m1", str(five_models[1])))
+        seen = []
+        while not any(isinstance(m, GenerateResult) for m in seen):
+            seen.append(harness.next())
+        preloaded = next(m for m in seen if isinstance(m, Preloaded))
+        assert preloaded.error is None and "m0" in preloaded.resident_models
+        assert harness.run(five_models[0], "m0", "again").load_source == "resident"
     finally:
         harness.stop()
