@@ -83,6 +83,7 @@ class Supervisor:
         self._delivering: set[str] = set()
         self._seen_messages: set[str] = set()
         self._slot_target = slot_target
+        self.restart_backoff = 2.0  # seconds before the second restart in a row, doubling after
         self.pool: SlotPool | None = None
         self.safety = safety
         # The safety check waits on its own thread, so a slow or restarting checker never holds up pops and submits.
@@ -190,7 +191,7 @@ class Supervisor:
         self._loop = asyncio.get_running_loop()
         self._wake = asyncio.Event()
         self.pool = SlotPool(self.slot_specs, self._threadsafe(self._on_message), self._threadsafe(self._on_death),
-                             target=self._slot_target)
+                             target=self._slot_target, backoff=self.restart_backoff)
         self.pool.start()
         await self._prepare_worker()
         for job in self.journal.pending():

@@ -61,12 +61,14 @@ class SlotPool:
     """Starts, feeds, watches and restarts the inference processes."""
 
     def __init__(self, specs: list[SlotSpec], on_message: Callable[[Slot, object], None],
-                 on_death: Callable[[Slot, int | None], None], target: Callable | None = None) -> None:
+                 on_death: Callable[[Slot, int | None], None], target: Callable | None = None,
+                 backoff: float = 2.0) -> None:
         self._context = mp.get_context("spawn")
         self.slots = [Slot(spec) for spec in specs]
         self._on_message = on_message
         self._on_death = on_death
         self._target = target
+        self.backoff = backoff
         self._stopping = False
 
     def start(self) -> None:
@@ -136,7 +138,8 @@ class SlotPool:
                              f"(see logs/inference-{slot.spec.slot}.log)")
             slot.restart_at = None
             return None
-        delay = 0.0 if slot.failures_in_row <= 1 else min(MAX_RESTART_DELAY, 2.0 ** (slot.failures_in_row - 1))
+        delay = 0.0 if slot.failures_in_row <= 1 else min(MAX_RESTART_DELAY,
+                                                           self.backoff * 2.0 ** (slot.failures_in_row - 2))
         slot.restart_at = time.monotonic() + delay
         return delay
 
