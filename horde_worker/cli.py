@@ -117,12 +117,16 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         logger.error(str(exc))
         return 2
-    if local:
-        from horde_worker.local_mode import run_local
+    try:
+        if local:
+            from horde_worker.local_mode import run_local
 
-        code = run_local(settings, args, devices, console)
-    else:
-        code = run_horde(loaded, overrides, args, devices, console)
+            code = run_local(settings, args, devices, console)
+        else:
+            code = run_horde(loaded, overrides, args, devices, console)
+    except KeyboardInterrupt:  # before the supervisor took over Ctrl+C: nothing was popped yet
+        logger.warning("interrupted while starting; no job was taken")
+        return 130
     if LAST_SUMMARY[0]:
         print(LAST_SUMMARY[0], flush=True)
     return code

@@ -104,3 +104,12 @@ def test_watcher_applies_live_keys_and_flags_restart_keys(tmp_path):
     assert applied == {"nsfw": False, "blacklist": ["x"]}
     assert watcher.current.data.nsfw is False and watcher.current.data.max_threads == 1
     assert restart == [f"max_threads changed in {path}: restart the worker to apply it"]
+
+
+def test_a_file_that_is_not_utf8_is_named_with_the_fix(tmp_path):
+    from horde_worker.config import ConfigError, load_config
+
+    path = tmp_path / "bridgeData.yaml"
+    path.write_bytes(b"dreamer_name: caf\xe9\n")
+    with pytest.raises(ConfigError, match=r"bridgeData.yaml: byte b'\\xe9' at position 17 is not UTF-8; save the file as UTF-8"):
+        load_config(path)
