@@ -215,3 +215,17 @@ def test_tests_cannot_reach_the_internet(tmp_path):
     server = socket.create_server(("127.0.0.1", 0))
     with server, socket.create_connection(server.getsockname(), timeout=5):
         pass  # loopback still works
+
+
+def test_a_cut_or_invalid_pop_answer_is_never_read_as_no_job(horde):
+    from horde_worker.horde.client import MalformedPop
+
+    client = HordeClient(horde.url, horde.api_key, retry=RetryPolicy(attempts=2, base_delay=0.01, max_delay=0.02))
+    request = PopRequest(name="w", models=["m1"], bridge_agent="t:1:x")
+    horde.state.pop = lambda apikey, body, base: b'{"id": "abc", "ids": ["abc"], "payl'
+    with pytest.raises(HordeUnreachable, match="unreadable answer"):
+        client.pop(request)
+    horde.state.pop = lambda apikey, body, base: {"id": "abc", "ids": "abc", "payload": {"prompt": 5}}
+    with pytest.raises(MalformedPop) as caught:
+        client.pop(request)
+    assert caught.value.raw["id"] == "abc" and "ids" in caught.value.problem and "prompt" in caught.value.problem

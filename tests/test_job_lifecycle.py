@@ -149,3 +149,70 @@ def test_unsupported_requests_are_named():
     assert "k_made_up" in jobspec.unsupported_reason(job, catalog)
     other = make_job(model="m2")
     assert "not served" in jobspec.unsupported_reason(other, catalog)
+
+
+def test_scheduler_puts_a_rerun_job_first_and_guards_every_waiting_job_not_only_the_head():
+    scheduler = Scheduler(max_skips=2)
+    head, middle, rerun = make_job("m1"), make_job("m2"), make_job("m3")
+    for job in (head, middle):
+        job.advance(JobState.INPUTS_READY)
+        scheduler.add(job)
+    for state in (JobState.INPUTS_READY, JobState.QUEUED, JobState.RUNNING):
+        rerun.advance(state)
+    scheduler.add(rerun, front=True)  # its process died: it does not go behind the others
+    assert scheduler.waiting[0] is rerun
+    assert scheduler.pick(["m2"]) is middle  # a resident model is preferred...
+    starved = make_job("m4", popped_at=time.time() - 100, ttl=150)  # ...but not over a job with half its TTL gone
+    starved.advance(JobState.INPUTS_READY)
+    scheduler.add(starved)
+    assert scheduler.waiting[-1] is starved
+    assert scheduler.pick(["m1"]) is starved
+
+
+def test_journal_never_leaves_half_written_entries_and_ids_cannot_leave_its_folder(tmp_path, monkeypatch):
+    from horde_worker.supervisor.journal import JournalUnavailable
+
+    journal = Journal(tmp_path / "journal")
+    job = make_job()
+    job.webp = [b"RIFF....WEBP"]
+    original_write = Journal._write
+
+    def full_disk(self, job, folder):
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "0.tmp").write_bytes(b"half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Journal, "_write", full_disk)
+    with pytest.raises(JournalUnavailable, match="No space left"):
+        journal.record(job)
+    assert list((tmp_path / "journal").iterdir()) == []
+    monkeypatch.setattr(Journal, "_write", original_write)
+    journal.record(job)
+    monkeypatch.setattr(Journal, "_write", full_disk)
+    with pytest.raises(JournalUnavailable):  # an update fails: the earlier complete entry stays usable
+        journal.record(job)
+    assert [j.id for j in journal.pending()] == [job.id]
+    evil = make_job()
+    evil.pop.ids[0] = "../../escape"
+    monkeypatch.setattr(Journal, "_write", original_write)
+    journal.record(evil)
+    assert not (tmp_path / "escape").exists()
+    assert all(p.parent == tmp_path / "journal" for p in (tmp_path / "journal").iterdir())
+    assert {j.id for j in journal.pending()} == {job.id, "../../escape"}
+
+
+def test_bounds_name_what_is_out_of_range():
+    from horde_worker.supervisor.bounds import bounds_reason
+
+    def reason(**payload):
+        pop = PopResponse.model_validate({"id": "a", "ids": ["a"], "model": "m", "payload": payload})
+        return bounds_reason(pop, max_pixels=512 * 512, max_batch=1, requirements={"max_steps": 8})
+
+    assert "steps 30 is outside 1..8" in reason()  # the default 30 steps is over this model's 8
+    assert reason(ddim_steps=8) is None
+    assert "steps 9 is outside 1..8" in reason(ddim_steps=9)
+    assert "width 100" in reason(ddim_steps=4, width=100)
+    assert "max_pixels" in reason(ddim_steps=4, width=1024, height=1024)
+    assert "cfg_scale inf" in reason(ddim_steps=4, cfg_scale=float("inf"))
+    assert "denoising_strength 2" in reason(ddim_steps=4, denoising_strength=2)
+    assert "7500" in reason(ddim_steps=4, prompt="p" * 7501)

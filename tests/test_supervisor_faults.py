@@ -282,3 +282,22 @@ def test_faults_at_the_horde_never_lose_the_answer(horde, run):
     # A submit is repeated only when its answer was lost on the way back.
     assert horde.state.duplicate_submits <= horde.faults_injected.get("submit:reset_after", 0)
     assert harness.stop() == 0
+
+
+def test_a_send_to_a_process_that_just_died_is_reported_not_raised(tmp_path):
+    from horde_worker.inference.messages import Preload, SlotSpec
+    from horde_worker.supervisor.slots import SlotPool
+    from tests.fake_slot import fake_slot_main
+
+    deaths = []
+    pool = SlotPool([SlotSpec(slot=0, device="cpu", log_dir=str(tmp_path))], lambda slot, message: None,
+                    lambda slot, code: deaths.append(code), target=fake_slot_main)
+    pool.start()
+    slot = pool.slots[0]
+    slot.process.kill()
+    slot.process.join(10)
+    wait_for(lambda: deaths == [-9], 10, "the death report", 0.05)
+    for _ in range(3):  # the first send may still fit the pipe's buffer; later ones find it broken
+        ok = pool.send(slot, Preload("m", "/nowhere"))
+    assert ok is False and slot.ready is False
+    pool.stop()
