@@ -111,5 +111,5 @@ def test_a_file_that_is_not_utf8_is_named_with_the_fix(tmp_path):
 
     path = tmp_path / "bridgeData.yaml"
     path.write_bytes(b"dreamer_name: caf\xe9\n")
-    with pytest.raises(ConfigError, match=r"bridgeData.yaml: byte b'\\xe9' at position 17 is not UTF-8; save the file as UTF-8"):
+    with pytest.raises(ConfigError, match=r"bridgeData.yaml: byte b.\\xe9. at position 17 is not UTF-8; save"):
         load_config(path)
