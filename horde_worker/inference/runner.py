@@ -233,8 +233,12 @@ def slot_main(conn, spec: SlotSpec) -> None:
     send_lock = threading.Lock()
 
     def send(message) -> None:
-        with send_lock:
-            conn.send(message)
+        try:
+            with send_lock:
+                conn.send(message)
+        except OSError:  # a broken pipe: the supervisor is gone, as on EOF
+            logger.warning("slot {}: the supervisor's pipe is broken; exiting", spec.slot)
+            exit_soon(EOF_GRACE)
 
     jobs: queue.Queue = queue.Queue()
     cancels = Cancellations()
