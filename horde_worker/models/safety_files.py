@@ -25,7 +25,8 @@ def reference_clip_task(cache_home: Path) -> DownloadTask:
 
 
 def prepare_safety(safety_model: str, cache_home: str, show_progress: bool = True) -> Path:
-    """The CLIP weights the safety process loads, downloaded (sha256-checked) when missing."""
+    """The CLIP weights the safety process loads, downloaded (sha256-checked) when missing. Offline, this
+    fails within seconds with an error that says where to put the file by hand."""
     if safety_model:
         path = Path(safety_model)
         if not path.exists():
@@ -38,5 +39,6 @@ def prepare_safety(safety_model: str, cache_home: str, show_progress: bool = Tru
         if errors or not task.dest.exists():
             raise SafetyWeightsMissing("the safety checker's CLIP model could not be downloaded: "
                                        f"{'; '.join(errors) or 'unknown error'}. Every image must be checked before "
-                                       "it is submitted, so the worker cannot start without it.")
+                                       "it is submitted, so the worker cannot start without it (or set "
+                                       "safety_model to a copy of the file elsewhere).")
     return task.dest
