@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import os
 import socket
 import struct
 import zlib
 
+import numpy as np
 import pytest
 import requests
 from PIL import Image
@@ -26,7 +28,7 @@ from tests.fileserver import FileServer
 
 
 def webp(size: int = 64, seed: int = 0) -> bytes:
-    rng = __import__("numpy").random.default_rng(seed)
+    rng = np.random.default_rng(seed)
     out = io.BytesIO()
     Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype="uint8")).save(out, format="WEBP", lossless=True)
     return out.getvalue()
@@ -92,7 +94,8 @@ def test_a_transfer_cut_mid_body_becomes_download_failed(server, client):
 
 
 @pytest.mark.parametrize("error", [requests.exceptions.ChunkedEncodingError("cut"), requests.ConnectionError("reset"),
-                                   RuntimeError("odd"), MemoryError(), OSError("disk"), UnicodeDecodeError("utf-8", b"", 0, 1, "x")])
+                                   RuntimeError("odd"), MemoryError(), OSError("disk"),
+                                   UnicodeDecodeError("utf-8", b"", 0, 1, "x")])
 def test_any_error_of_a_download_becomes_download_failed(client, monkeypatch, error):
     def failing(*args, **kwargs):
         raise error
@@ -113,8 +116,7 @@ def test_a_body_over_the_cap_is_refused(server, client, monkeypatch):
 
 def truncated_png() -> bytes:
     out = io.BytesIO()
-    Image.fromarray(__import__("numpy").random.default_rng(3).integers(0, 255, (128, 128, 3), dtype="uint8")).save(
-        out, format="PNG")
+    Image.fromarray(np.random.default_rng(3).integers(0, 255, (128, 128, 3), dtype="uint8")).save(out, format="PNG")
     return out.getvalue()[: len(out.getvalue()) // 2]
 
 
@@ -380,7 +382,7 @@ def test_a_tampered_index_cannot_delete_files_outside_the_cache(civitai, tmp_pat
     entry = {"kind": "lora", "version_id": "../victim", "model_name": "x", "base_model": "SD 1.5",
              "trained_words": [], "file_name": "x.safetensors", "download_url": "http://127.0.0.1:9/x", "size": 8000,
              "sha256": None, "last_used": 0.0}
-    (folder / "index.json").write_text(__import__("json").dumps({"versions": {"1": entry}, "refs": {}}))
+    (folder / "index.json").write_text(json.dumps({"versions": {"1": entry}, "refs": {}}))
     cache = AdapterCache("lora", folder, 4000, api_url=civitai.url, timeout=5)  # full: everything must go
     path, _ = cache.fetch("101")
     assert path.exists() and victim.read_bytes() == b"precious" * 1000
