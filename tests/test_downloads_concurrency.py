@@ -117,7 +117,7 @@ def lora_model(model_id: int) -> CivitaiModel:
 @pytest.fixture
 def routed():
     with FileServer() as files:
-        civitai = RoutedCivitai([lora_model(i) for i in (101, 102, 103)], files).start()
+        civitai = RoutedCivitai([lora_model(i) for i in (101, 102, 103, 104)], files).start()
         yield civitai, files
         civitai.stop()
 
@@ -144,14 +144,18 @@ def test_adapters_handed_to_jobs_stay_until_released_or_their_hold_ends(routed, 
     size = len(civitai.models[101].data)
     cache = AdapterCache("lora", tmp_path / "lora", int(size * 1.5), api_url=civitai.url, timeout=5, hold_seconds=1.0)
     first, _ = cache.fetch("101")
+    cache.fetch("101")  # a second job gets the same file
     second, _ = cache.fetch("102")
     assert first.exists() and second.exists()  # over the cap while both are in use
     cache.release(first)
     third, _ = cache.fetch("103")
-    assert not first.exists() and second.exists() and third.exists()
+    assert first.exists() and second.exists() and third.exists()  # the second job still has it
+    cache.release(first)
+    fourth, _ = cache.fetch("104")
+    assert not first.exists() and second.exists() and third.exists() and fourth.exists()
     time.sleep(1.1)
     again, _ = cache.fetch("101")
-    assert again.exists() and not second.exists() and not third.exists()
+    assert again.exists() and not any(p.exists() for p in (second, third, fourth))
     assert cache.cached_bytes() <= int(size * 1.5)
 
 

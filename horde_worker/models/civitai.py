@@ -130,7 +130,8 @@ class AdapterCache:
         self._versions: dict[str, AdapterVersion] = {}
         self._refs: dict[str, str] = {}
         self.hold_seconds = hold_seconds
-        self._held: dict[str, float] = {}  # version key -> monotonic time its hold ends
+        # version key -> (jobs holding it, monotonic time the last hold ends)
+        self._held: dict[str, tuple[int, float]] = {}
         self._inflight: dict[str, Future] = {}  # version key -> the download others wait for
         self._load_index()
 
@@ -182,18 +183,27 @@ class AdapterCache:
         return total
 
     def release(self, path: Path) -> None:
-        """A job is done with the file at `path`: it may be evicted again."""
+        """A job is done with the file at `path`: once no job holds it, it may be evicted again."""
         with self._lock:
             for key, version in self._versions.items():
-                if version.local_name == Path(path).name:
-                    self._held.pop(key, None)
+                if key in self._held and self.folder / version.local_name == Path(path):
+                    count, until = self._held[key]
+                    if count > 1:
+                        self._held[key] = (count - 1, until)
+                    else:
+                        del self._held[key]
+
+    def _is_held(self, key: str, now: float) -> bool:
+        count, until = self._held.get(key, (0, 0.0))
+        return count > 0 and until > now
 
     # --- lookup ------------------------------------------------------------------------------
 
     def _get(self, path: str, params: dict[str, Any] | None = None) -> Any:
         url = f"{self.api_url}{path}"
         try:
-            response = self.session.get(url, params=params, timeout=self.timeout,
+            # A short connect timeout: offline, a job must not wait long to hear the LoRA is missing.
+            response = self.session.get(url, params=params, timeout=(min(5.0, self.timeout), self.timeout),
                                         headers=civitai_headers(url, self.token))
         except requests.RequestException as exc:
             raise AdapterUnavailable("download_failed", f"CivitAI unreachable: {exc}") from None
@@ -311,7 +321,7 @@ class AdapterCache:
         version.last_used = time.time()
         self._versions[key] = version
         if self.hold_seconds > 0:
-            self._held[key] = time.monotonic() + self.hold_seconds
+            self._held[key] = (self._held.get(key, (0, 0.0))[0] + 1, time.monotonic() + self.hold_seconds)
         self._save_index()
 
     def _download(self, name: str, key: str, version: AdapterVersion, path: Path) -> None:
@@ -342,7 +352,7 @@ class AdapterCache:
         for key, version in sorted(self._versions.items(), key=lambda kv: kv[1].last_used):
             if self.cached_bytes() + incoming <= self.max_bytes:
                 break
-            if key in self._inflight or self._held.get(key, 0.0) > now:
+            if key in self._inflight or self._is_held(key, now):
                 continue
             self._held.pop(key, None)
             try:
