@@ -3,7 +3,8 @@
 Faults: `cut_once[path] = n` drops the connection after n body bytes on the next request for
 `path`, `cut_always[path] = n` on every request, `cuts[path] = [n1, n2, ...]` on the next requests
 in turn; `redirects[path] = location` answers 302; `status[path] = code` answers that status with
-an empty body; `gate`, once cleared, holds every answer until it is set again (a transfer that
+an empty body; `trickle[path] = (n, seconds)` sends the body n bytes at a time, `seconds` apart;
+`gate`, once cleared, holds every answer until it is set again (a transfer that
 is "in progress" for as long as a test needs).
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import re
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
@@ -24,6 +26,7 @@ class FileServer:
         self.cuts: dict[str, list[int]] = {}
         self.redirects: dict[str, str] = {}
         self.status: dict[str, int] = {}
+        self.trickle: dict[str, tuple[int, float]] = {}
         self.gate = threading.Event()
         self.gate.set()
         self.requests: list[tuple[str, str | None]] = []  # (path, Range header)
@@ -77,6 +80,16 @@ class FileServer:
                     self.wfile.write(body[:cut])
                     self.wfile.flush()
                     self.close_connection = True
+                    return
+                if path in server.trickle:
+                    step, pause = server.trickle[path]
+                    try:
+                        for offset in range(0, len(body), step):
+                            self.wfile.write(body[offset:offset + step])
+                            self.wfile.flush()
+                            time.sleep(pause)
+                    except OSError:  # the client gave up
+                        self.close_connection = True
                     return
                 self.wfile.write(body)
 

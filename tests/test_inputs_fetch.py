@@ -10,6 +10,7 @@ import json
 import os
 import socket
 import struct
+import time
 import zlib
 
 import numpy as np
@@ -18,7 +19,7 @@ import requests
 from PIL import Image
 
 from horde_worker.horde import urls
-from horde_worker.horde.client import HordeClient
+from horde_worker.horde.client import HordeClient, HordeUnreachable, RetryPolicy
 from horde_worker.horde.wire import ExtraSourceImage, JobPayload, PopResponse
 from horde_worker.localhorde.civitai import CivitaiModel, LocalCivitai
 from horde_worker.models.civitai import AdapterCache
@@ -110,6 +111,15 @@ def test_a_body_over_the_cap_is_refused(server, client, monkeypatch):
     server.files["/big.webp"] = webp(256)
     result = fetch_inputs(client, PopResponse(id="j", ids=["j"], source_image=f"{server.url}/big.webp"))
     assert notes_of(result) == [("source_image", "download_failed")]
+
+
+def test_a_trickling_body_is_given_up_at_the_time_limit(server, client):
+    server.files["/slow.webp"] = webp(256)
+    server.trickle["/slow.webp"] = (200, 0.02)  # about a minute for the whole body
+    started = time.monotonic()
+    with pytest.raises(HordeUnreachable, match="time limit"):
+        client.download(f"{server.url}/slow.webp", 1 << 20, RetryPolicy(attempts=1), max_seconds=0.5)
+    assert time.monotonic() - started < 3
 
 
 # --- what the bytes turn out to be ------------------------------------------------------------

@@ -11,7 +11,7 @@ from __future__ import annotations
 import http.client
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
@@ -242,20 +242,23 @@ class HordeClient:
             raise HordeUnreachable(f"upload to {redact_url(url)} refused: HTTP {response.status_code}")
 
     def download(self, url: str, max_bytes: int, retry: RetryPolicy | None = None, *, allow_private: bool = True,
-                 max_redirects: int = 3) -> bytes:
+                 max_redirects: int = 3, max_seconds: float = 60.0) -> bytes:
         """GET a source image's URL (no API key goes there), refusing bodies over `max_bytes`.
 
         Redirects are followed by hand, at most `max_redirects` of them, and every hop must pass
         `urls.refuse_reason(hop, allow_private)` before anything connects to it. Transient failures,
-        a transfer cut mid-body included, are retried under `retry`. Every failure raises
-        HordeUnreachable; DownloadRefused (a subclass) when the URL must not be fetched at all.
+        a transfer cut mid-body included, are retried under `retry`; a body still arriving after
+        `max_seconds` is given up (a server trickling bytes cannot hold a thread for hours). Every
+        failure raises HordeUnreachable; DownloadRefused (a subclass) when the URL must not be
+        fetched at all.
         """
         retry = retry or self.retry
         what = f"download of {redact_url(url)}"
         problem = ""
         for attempt in range(retry.attempts):
             try:
-                return self._download_once(url, max_bytes, allow_private, max_redirects, what)
+                return self._download_once(url, max_bytes, allow_private, max_redirects, what,
+                                           time.monotonic() + max_seconds)
             except _TransientDownload as exc:
                 problem, retry_after = str(exc), exc.retry_after
             if attempt + 1 < retry.attempts:
@@ -264,7 +267,8 @@ class HordeClient:
                 self._sleep(delay)
         raise HordeUnreachable(f"{what}: {problem} after {retry.attempts} attempts")
 
-    def _download_once(self, url: str, max_bytes: int, allow_private: bool, max_redirects: int, what: str) -> bytes:
+    def _download_once(self, url: str, max_bytes: int, allow_private: bool, max_redirects: int, what: str,
+                       deadline: float) -> bytes:
         hop = url
         for _ in range(max_redirects + 1):
             reason = refuse_reason(hop, allow_private)
@@ -272,8 +276,8 @@ class HordeClient:
                 raise DownloadRefused(f"{what} refused: {reason}")
             try:
                 # identity: the byte cap then counts what is stored, with no decompression in between.
-                response = self._session.get(hop, timeout=self.timeout, stream=True, allow_redirects=False,
-                                             headers={"Accept-Encoding": "identity"})
+                response = self._session.get(hop, timeout=(min(5.0, self.timeout), self.timeout), stream=True,
+                                             allow_redirects=False, headers={"Accept-Encoding": "identity"})
             except requests.RequestException as exc:
                 # Only the exception's class: its text can hold the URL's signature.
                 if isinstance(exc, ValueError):  # InvalidURL, InvalidSchema...: trying again cannot help
@@ -291,7 +295,7 @@ class HordeClient:
                     raise _TransientDownload(f"HTTP {status}", _retry_after(response))
                 if not 200 <= status < 300:
                     raise HordeUnreachable(f"{what}: HTTP {status}")
-                return _read_capped(response, max_bytes, what)
+                return _read_capped(response, max_bytes, what, deadline)
         raise DownloadRefused(f"{what}: more than {max_redirects} redirects")
 
 
@@ -317,17 +321,31 @@ def _retry_after(response: requests.Response) -> float | None:
         return None
 
 
-def _read_capped(response: requests.Response, max_bytes: int, what: str) -> bytes:
-    """The body of `response`, refused once it passes `max_bytes`; a cut transfer is transient."""
+def _body_pieces(response: requests.Response) -> Iterator[bytes]:
+    """The body as it arrives. urllib3 2's read1 returns what one receive brings, so the caller's
+    checks run however slowly the bytes come; iter_content would wait for a whole chunk."""
+    read1 = getattr(response.raw, "read1", None)
+    if read1 is None:  # urllib3 1.x
+        yield from response.iter_content(8192)
+        return
+    while piece := read1(65536):
+        yield piece
+
+
+def _read_capped(response: requests.Response, max_bytes: int, what: str, deadline: float) -> bytes:
+    """The body of `response`, refused once it passes `max_bytes` or `deadline` (monotonic); a cut
+    transfer is transient."""
     length = response.headers.get("Content-Length", "")
     if length.isdigit() and int(length) > max_bytes:
         raise HordeUnreachable(f"{what}: larger than {max_bytes} bytes")
     chunks, size = [], 0
     try:
-        for chunk in response.iter_content(65536):
+        for chunk in _body_pieces(response):
             size += len(chunk)
             if size > max_bytes:
                 raise HordeUnreachable(f"{what}: larger than {max_bytes} bytes")
+            if time.monotonic() > deadline:
+                raise HordeUnreachable(f"{what}: still arriving after the time limit ({size} bytes so far)")
             chunks.append(chunk)
     except (requests.RequestException, urllib3.exceptions.HTTPError, http.client.HTTPException, OSError) as exc:
         raise _TransientDownload(f"{type(exc).__name__} after {size} bytes") from None

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from loguru import logger
 
-from horde_worker.horde.client import DownloadRefused, HordeClient, HordeError, HordeUnreachable, RetryPolicy
+from horde_worker.horde.client import HordeClient, HordeError, HordeUnreachable, RetryPolicy
 from horde_worker.horde.urls import form_problem
 from horde_worker.horde.wire import GenMetadata, GenMetadataType, GenMetadataValue, PopResponse
 from horde_worker.inference.messages import AdapterFile
@@ -94,8 +94,6 @@ def read_reference(client: HordeClient, reference: object, allow_unsafe_ip: bool
         try:
             return client.download(text, MAX_SOURCE_BYTES, SOURCE_RETRY, allow_private=allow_unsafe_ip)
         except (HordeUnreachable, HordeError) as exc:
-            if isinstance(exc, DownloadRefused):
-                logger.warning("source URL refused: {}", exc)
             raise SourceUnusable(GenMetadataValue.DOWNLOAD_FAILED, str(exc)) from None
     if len(text) > MAX_SOURCE_BYTES * 4 // 3 + 4:
         raise SourceUnusable(GenMetadataValue.PARSE_FAILED, "base64 image larger than the cap")
