@@ -109,6 +109,56 @@ def test_textual_inversion_of_another_width_is_reported(sd1, files):
     assert diff(out, run_job(sd1, request())) == 0
 
 
+def half_fitting_lora(path, source):
+    """A LoRA whose UNet part fits and whose text-encoder part has the wrong width: diffusers loads the UNet
+    part, then refuses the rest."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(source))
+    for key, tensor in tensors.items():
+        if key.startswith("lora_te") and key.endswith("lora_down.weight"):
+            tensors[key] = torch.randn(tensor.shape[0], tensor.shape[1] + 3)
+    save_file(tensors, str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def fresh(tiny_checkpoint):
+    """The images of a model that never saw a LoRA or TI."""
+    model = load_pipeline(tiny_checkpoint, torch.device("cpu"), torch.float32, name="tiny")
+    return run_job(model, request())
+
+
+def no_adapters_left(pipe) -> bool:
+    modules = (pipe.unet, pipe.text_encoder)
+    return not [k for m in modules for k in m.state_dict() if "lora" in k or "base_layer" in k]
+
+
+def test_a_lora_that_fails_half_way_is_left_out_and_leaves_nothing_behind(sd1, files, fresh, tmp_path):
+    broken = half_fitting_lora(tmp_path / "half.safetensors", files["sd1"])
+    out = run_job(sd1, request(loras=[lora(broken, name="half")]))
+    assert out.notes == [("lora", "baseline_mismatch", "half")]
+    assert diff(out, fresh) == 0  # made without it, as the note says
+    assert diff(run_job(sd1, request()), fresh) == 0 and no_adapters_left(sd1.pipeline)
+    alone = run_job(sd1, request(loras=[lora(files["xl"], name="xl-only")]))  # refused before any layer
+    assert alone.notes == [("lora", "baseline_mismatch", "xl-only")] and diff(alone, fresh) == 0
+    with_good = run_job(sd1, request(loras=[lora(broken, name="half"), lora(files["sd1"], name="fits")]))
+    assert diff(with_good, run_job(sd1, request(loras=[lora(files["sd1"], name="fits")]))) == 0
+    assert diff(run_job(sd1, request()), fresh) == 0 and no_adapters_left(sd1.pipeline)
+
+
+def test_a_job_stopped_mid_sampling_takes_its_lora_and_ti_off(sd1, files, fresh):
+    from horde_worker.inference.runner import JobCancelled
+
+    def stop(step: int, total: int) -> None:
+        raise JobCancelled("j", "stopped by the test")
+
+    with pytest.raises(JobCancelled):
+        run_job(sd1, request(loras=[lora(files["sd1"])], tis=[ti(files["ti"])]), on_step=stop)
+    assert diff(run_job(sd1, request()), fresh) == 0 and no_adapters_left(sd1.pipeline)
+    assert "<ti777>" not in sd1.pipeline.tokenizer.get_vocab()
+
+
 def test_sdxl_lora_and_ti(tmp_path, files):
     path = write_tiny_checkpoint(tmp_path / "xl.safetensors", "stable_diffusion_xl")
     xl = load_pipeline(path, torch.device("cpu"), torch.float32, name="xl")
