@@ -7,10 +7,12 @@ its clock).
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 from tests.malformed_jobs import MUTATIONS, satisfied
@@ -208,3 +210,11 @@ class ProxyLog:
             "malformed_jobs": dict(sorted(self.malformed_counts().items())),
             "non_loopback": non_loopback,
         }
+
+    def dump(self, path: Path) -> None:
+        """Every id's record as JSON, for a look after a failed run."""
+        records = [{**asdict(r), "faults": dict(r.faults)} for r in self.snapshot()]
+        with self._lock:
+            extra = {"pops": list(self.pops), "submits_unknown": list(self.submits_unknown),
+                     "non_loopback": list(self.non_loopback)}
+        Path(path).write_text(json.dumps({"ids": records, **extra}, indent=1, default=str))
