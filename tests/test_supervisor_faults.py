@@ -301,3 +301,19 @@ def test_a_send_to_a_process_that_just_died_is_reported_not_raised(tmp_path):
         ok = pool.send(slot, Preload("m", "/nowhere"))
     assert ok is False and slot.ready is False
     pool.stop()
+
+
+def test_a_request_the_horde_hands_out_again_stops_the_old_copy(run):
+    horde = LocalHorde([MODEL], options=ServerOptions(sweep_interval=0.3), fixed_ttl=5).start()
+    try:
+        harness = run(horde)
+        harness.supervisor.timekeeper.margin = -1000.0  # the worker's own TTL stops are off: the horde acts first
+        request = post(horde, "slow=0.5 steps=60")
+        wait_for(lambda: len(generations(horde, request)) >= 2, 30, "the horde to hand the request out again", 0.1)
+        first = generations(horde, request)[0]
+        assert first.state == "aborted"
+        wait_for(lambda: first.id not in harness.supervisor.jobs, 5, "the old copy to be stopped", 0.1)
+        assert horde.state.generations[first.id].accepted_submits == 0
+        harness.kill_slots()
+    finally:
+        horde.stop()

@@ -293,7 +293,7 @@ class Supervisor:
         now = time.time()
         for job in list(self.jobs.values()):
             if job.state in (JobState.QUEUED, JobState.RUNNING, JobState.POSTPROCESSING) \
-                    and job.deadline - now < self.timekeeper.margin and fingerprint(job.pop) == print_:
+                    and job.deadline < now + max(0.0, self.timekeeper.margin) and fingerprint(job.pop) == print_:
                 logger.warning("job {} was handed out again by the horde; stopping the old copy", job.id)
                 if job.state is JobState.RUNNING:
                     self.timekeeper.stop_running(job, "the horde handed the same request out again")

@@ -54,10 +54,10 @@ def unreadable_job(raw: dict, ids: list[str]) -> Job:
 
 
 def fingerprint(pop: PopResponse) -> tuple:
-    """What makes two pops the same request handed out twice."""
+    """What makes two pops the same request handed out twice (the seed is left out: a request without
+    one gets a new random seed each time it is handed out)."""
     p = pop.payload
-    return (pop.model, p.prompt, p.seed, p.width, p.height, p.ddim_steps, p.sampler_name, p.cfg_scale,
-            pop.source_image)
+    return (pop.model, p.prompt, p.width, p.height, p.ddim_steps, p.sampler_name, p.cfg_scale, pop.source_image)
 
 
 class Popper:

@@ -179,7 +179,6 @@ class SlotPool:
                 slot.process.join(timeout=5)
 
     def kill_all(self) -> None:
-        """Second Ctrl+C: end every process now."""
-        self._stopping = True
+        """End every process now (second Ctrl+C); deaths are reported as any other."""
         for slot in self.slots:
             self.kill(slot)
