@@ -16,7 +16,8 @@ import torch
 
 from horde_worker.inference.residency import Residency, pipeline_bytes
 
-TIMEOUT = 5.0
+TIMEOUT = 30.0  # for what must happen (only a failing test waits this long)
+SETTLE = 1.0  # for what may not happen at all in a given interleaving
 
 
 def fake_model(name: str):
@@ -127,10 +128,10 @@ def test_acquire_and_a_preload_of_the_same_model_read_it_once(entry):
     acquire = Call(res.acquire, "x", "x.safetensors")
     res._lock.hold(acquire, entry)
     acquire.start()
-    res._lock.reached.wait(TIMEOUT / 5)  # acquire may finish its work before reaching this entry
+    res._lock.reached.wait(SETTLE)  # acquire may finish its work before reaching this entry
     preload = Call(res.preload, "x", "x.safetensors")
     preload.start()
-    disk.reading["x"].wait(TIMEOUT / 5)  # whichever thread reads, it is now inside the read (or waiting)
+    disk.reading["x"].wait(SETTLE)  # whichever thread reads, it is now inside the read (or waiting)
     res._lock.release.set()
     gate.set()
     model, _source, _seconds = acquire.outcome()
@@ -149,7 +150,7 @@ def test_a_preload_never_evicts_the_model_being_acquired(entry):
     acquire = Call(res.acquire, "x", "x.safetensors")
     res._lock.hold(acquire, entry)
     acquire.start()
-    reached = res._lock.reached.wait(TIMEOUT / 5)
+    reached = res._lock.reached.wait(SETTLE)
     preload = Call(res.preload, "y", "y.safetensors")
     preload.start()
     if reached:
@@ -227,3 +228,74 @@ def test_a_failed_read_reaches_every_waiter_and_the_next_acquire_reads_again():
     disk.fail.clear()
     del disk.gates["x"]
     assert res.acquire("x", "x.safetensors")[1] == "disk" and disk.reads["x"] == 2
+
+
+# --- skipping weight initialisation while another thread builds or runs modules -------------------
+
+
+def seeded_linear() -> torch.Tensor:
+    torch.manual_seed(0)
+    return torch.nn.Linear(16, 16).weight.detach().clone()
+
+
+def test_skipping_init_in_one_thread_leaves_another_threads_init_alone():
+    from horde_worker.inference.checkpoint import skip_weight_init
+
+    reference = seeded_linear()
+    inside, leave = threading.Event(), threading.Event()
+
+    def preload_thread() -> None:
+        with skip_weight_init():
+            inside.set()
+            leave.wait(TIMEOUT)
+
+    thread = threading.Thread(target=preload_thread)
+    thread.start()
+    try:
+        assert inside.wait(TIMEOUT)
+        assert torch.equal(seeded_linear(), reference)  # this thread's modules are initialised as usual
+    finally:
+        leave.set()
+        thread.join(TIMEOUT)
+
+
+def test_overlapping_skips_in_two_threads_leave_init_working():
+    """Enter A, enter B, leave A, leave B: a patch-and-restore of torch.nn.init would end with B putting
+    back the no-ops it found, for good."""
+    from horde_worker.inference.checkpoint import skip_weight_init
+
+    reference = seeded_linear()
+    steps = {name: threading.Event() for name in ("a_in", "b_in", "a_out", "b_out")}
+
+    def run(enter: str, wait_before_leaving: str, leave: str) -> None:
+        with skip_weight_init():
+            steps[enter].set()
+            assert steps[wait_before_leaving].wait(TIMEOUT)
+        steps[leave].set()
+
+    a = threading.Thread(target=run, args=("a_in", "b_in", "a_out"))
+    a.start()
+    assert steps["a_in"].wait(TIMEOUT)
+    b = threading.Thread(target=run, args=("b_in", "a_out", "b_out"))
+    b.start()
+    for thread in (a, b):
+        thread.join(TIMEOUT)
+    assert steps["b_out"].is_set()
+    assert torch.equal(seeded_linear(), reference)
+
+
+def test_skip_weight_init_skips_random_init_in_its_own_thread():
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from horde_worker.inference.checkpoint import skip_weight_init
+
+    torch.manual_seed(0)
+    expected = torch.rand(4)
+    torch.manual_seed(0)
+    with skip_weight_init():
+        torch.nn.Linear(64, 64)
+        torch.nn.Conv2d(8, 8, 3)
+        CLIPTextModel(CLIPTextConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                     num_attention_heads=2, max_position_embeddings=16))
+    assert torch.equal(torch.rand(4), expected)  # nothing drew from the generator
+    assert torch.nn.Linear(4, 4).weight.abs().sum() > 0  # and initialisation works again outside

@@ -48,14 +48,23 @@ class _SkipRandomInit(TorchFunctionMode):
     Only random fills are skipped: zeros/ones/copies stay, as non-persistent buffers may be made by them.
     """
 
-    # torch.nn.init's own entry points that dispatch here, and the tensor methods every other one ends in
-    # (xavier_*, kaiming_normal_, trunc_normal_, and transformers' initialisers of both majors).
-    SKIPPED = frozenset({torch.nn.init.uniform_, torch.nn.init.normal_, torch.nn.init.kaiming_uniform_,
-                         torch.Tensor.uniform_, torch.Tensor.normal_})
+    # The tensor methods random initialisers end in, and the initialisers that dispatch to the mode before
+    # reaching them: torch.nn.init's, or transformers' guarded copies of them, which transformers puts in
+    # torch.nn.init's place while it initialises a model (so they are known by name, not identity).
+    TENSOR_FILLS = (torch.Tensor.uniform_, torch.Tensor.normal_)
+    INITIALISERS = frozenset({"uniform_", "normal_", "trunc_normal_", "kaiming_uniform_", "kaiming_normal_",
+                              "xavier_uniform_", "xavier_normal_", "orthogonal_", "sparse_"})
+    INIT_MODULES = frozenset({"torch.nn.init", "transformers.initialization"})
+
+    @classmethod
+    def skipped(cls, func) -> bool:
+        if func in cls.TENSOR_FILLS:
+            return True
+        return getattr(func, "__name__", None) in cls.INITIALISERS and getattr(func, "__module__", None) in cls.INIT_MODULES
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func in self.SKIPPED:
+        if self.skipped(func):
             return args[0] if args else kwargs.get("tensor", kwargs.get("self"))
         return func(*args, **kwargs)
 
