@@ -484,6 +484,7 @@ class Supervisor:
         if not keep_journal:
             with contextlib.suppress(OSError):
                 self.journal.forget(job)
+        self.adapter_caches.release([*job.loras, *job.tis])
         self.scheduler.remove(job)
         self.jobs.pop(job.id, None)
         self._poke()

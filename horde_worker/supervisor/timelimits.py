@@ -3,7 +3,7 @@
 Every tick of the supervisor sweeps the jobs in hand:
 - a waiting job that can no longer run and be submitted before its TTL (at the speed measured so
   far) is faulted now, so the horde hands it to someone faster at once;
-- a running job whose next step does not come in time, or that cannot finish before its TTL at its
+- a running job whose next step does not come in time (60 s, or 20 times its own average step), or that cannot finish before its TTL at its
   measured speed, is asked to stop (the inference process interrupts the sampling at the next step)
   and faulted; a process that does not answer the stop in `STOP_GRACE` seconds is killed and replaced;
 - a job post-processing beside the next one is faulted when its TTL is nearly over.
@@ -30,7 +30,7 @@ SUBMIT_MARGIN = 10.0
 STOP_GRACE = 10.0
 # A step may take this much longer than the job's own average step before the job counts as stalled.
 STALL_FACTOR = 20.0
-STALL_MINIMUM = 30.0
+STALL_MINIMUM = 60.0
 
 WAITING = (JobState.POPPED, JobState.INPUTS_READY, JobState.QUEUED)
 
@@ -87,7 +87,8 @@ class TimeKeeper:
         if last_at + (total - step) * per_step > job.deadline - self.margin:
             return f"at {per_step:.2f}s per step it cannot finish {total} steps before its time limit"
         stall = max(STALL_MINIMUM, STALL_FACTOR * per_step)
-        if now - last_at > stall:
+        # After the last step come decoding and post-processing, which report no steps: only the TTL applies.
+        if step < total and now - last_at > stall:
             return f"no sampling step for {now - last_at:.0f}s"
         return None
 
