@@ -134,7 +134,7 @@ class ModelRunner:
         hand the rest to the post-processing thread (which sends the result) and return None.
 
         `stopped()` gives the reason once the job was cancelled: JobCancelled is then raised before
-        sampling starts or at the next step boundary."""
+        sampling starts, at the next step boundary, or before post-processing."""
         import torch
 
         from horde_worker.inference.generate import run_job
@@ -166,6 +166,7 @@ class ModelRunner:
         )
         if not request.post_processing:
             return result
+        stop_if_cancelled()  # stopped during the last step or the decode: spare the post-processing too
         if not self.overlap:
             return self.post_process(request, result)
         # One job post-processes beside the sampling one at most: wait here (GPU slot still held) until
