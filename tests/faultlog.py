@@ -81,6 +81,7 @@ class ProxyLog:
         self.submits_unknown: list[tuple[float, str]] = []  # submits for ids never popped here
         self.pops: list[tuple[float, int, int]] = []  # (time, epoch, ids handed out)
         self.epoch = 0
+        self.epoch_started: dict[int, float] = {0: time.time()}
 
     # --- filled by the proxy ---------------------------------------------------------------
 
@@ -122,6 +123,7 @@ class ProxyLog:
         """Mark that another run of the worker starts popping from now on."""
         with self._lock:
             self.epoch += 1
+            self.epoch_started[self.epoch] = time.time()
             return self.epoch
 
     # --- read by the test ------------------------------------------------------------------
@@ -192,6 +194,24 @@ class ProxyLog:
             else:
                 out["aborted" if answer.upstream_rc == "AbortedGen" else "duplicate"] += 1
         return out
+
+    def most_in_hand(self) -> tuple[int, float]:
+        """The most delivered jobs held by the worker at once (popped, not yet settled), and when."""
+        changes = []
+        for record in self.delivered():
+            if record.id != record.job:
+                continue
+            # A job its killed process never answered is held until the next run starts.
+            end = record.answer.at if record.answer is not None else self.epoch_started.get(record.epoch + 1)
+            changes.append((record.popped_at, 1))
+            if end is not None:
+                changes.append((end, -1))
+        held, most, when = 0, 0, 0.0
+        for at, step in sorted(changes):
+            held += step
+            if held > most:
+                most, when = held, at
+        return most, when
 
     def malformed_counts(self) -> Counter:
         return Counter(r.malformed for r in self.snapshot() if r.malformed and r.id == r.job)

@@ -106,6 +106,7 @@ class FaultProxy:
         self.plan = plan
         self.log = ProxyLog()
         self._random = random.Random(seed)
+        self._spoil_queue: list[str] = []
         self._lock = threading.Lock()
         folder = Path(workdir or tempfile.mkdtemp(prefix="faultproxy-"))
         self.file_source = real_png(folder / "file-source.png")
@@ -160,12 +161,22 @@ class FaultProxy:
             return self._random.choice(faults.kinds)
 
     def _pick_malformation(self, ids: list[str]) -> str | None:
+        # Which pops are spoiled is chance; the kinds come round in a seeded order, so that a run of a
+        # few dozen spoiled jobs has every kind.
         with self._lock:
             plan = self.plan
             if plan.malformed_rate <= 0 or self._random.random() >= plan.malformed_rate:
                 return None
-            choices = [m for m in plan.malformations if len(ids) == 1 or m not in SINGLE_ID_ONLY]
-            return self._random.choice(choices) if choices else None
+            for _ in range(2):
+                if not self._spoil_queue:
+                    self._spoil_queue = list(plan.malformations)
+                    self._random.shuffle(self._spoil_queue)
+                kind = next((m for m in self._spoil_queue if len(ids) == 1 or m not in SINGLE_ID_ONLY), None)
+                if kind is not None:
+                    self._spoil_queue.remove(kind)
+                    return kind
+                self._spoil_queue = []
+            return None
 
     def _slow_seconds(self) -> float:
         with self._lock:

@@ -279,7 +279,9 @@ def test_worker_survives_faults_kills_and_ctrl_c(soak_run):
             problems.append(f"the run did not exercise faults on {sorted(missing)}, spoiled jobs "
                             f"({len(log.malformed_counts())} kinds) or the journal ({len(run.journaled_at_kill)} ids)")
 
+    held, held_at = log.most_in_hand()
     summary = {**log.summary(), "duration_s": round(finished - run.started), "jobs_target": JOBS,
+               "most_jobs_in_hand": [held, round(held_at - run.started)],
                "lost_with_killed_main": {"jobs": len(lost_jobs), "ids": len(killed_epoch_lost)},
                "journaled_at_kill": len(run.journaled_at_kill), "exit_code": code,
                "upstream": {k: counters[k] for k in ("submits_received", "duplicate_submits")},
