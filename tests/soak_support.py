@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import os
 import random
 import re
 import statistics
@@ -128,16 +127,12 @@ def inference_processes(output: str, main_pid: int) -> list[psutil.Process]:
     return [c for c in spawned_children(main_pid) if c.pid != safety]
 
 
-def group_members(pgid: int) -> list[psutil.Process]:
-    """Live processes of one process group."""
-    out = []
-    for proc in psutil.process_iter(["pid"]):
-        try:
-            if os.getpgid(proc.pid) == pgid and proc.status() != psutil.STATUS_ZOMBIE:
-                out.append(proc)
-        except (OSError, psutil.Error):
-            continue
-    return out
+def alive(process: psutil.Process) -> bool:
+    """True while the process runs (a zombie has ended)."""
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
 
 
 def tree_rss(pid: int) -> int | None:

@@ -135,8 +135,8 @@ class Soak:
         killed_at = time.time()
         self.events.append((killed_at, f"SIGKILL main process {old.process.pid}"))
         # Its children should notice the broken pipe and go; any left after 30 s are orphans.
-        soak.wait_until(lambda: not [c for c in old_children if c.is_running() and c.status() != "zombie"], 30)
-        orphans = [c.pid for c in old_children if c.is_running() and c.status() != "zombie"]
+        soak.wait_until(lambda: not [c for c in old_children if soak.alive(c)], 30)
+        orphans = [c.pid for c in old_children if soak.alive(c)]
         if orphans:
             self.problems.append(f"processes of the killed main process still alive 30 s later: {orphans}")
         old.kill_group()
@@ -252,10 +252,9 @@ def test_worker_survives_faults_kills_and_ctrl_c(soak_run):
                            [run.restart_window] if run.restart_window else [])
     if gap > MAX_GAP:
         problems.append(f"{gap:.0f}s without a submit (outside the restart)")
+    accepted_images = [s.at for r in log.snapshot() for s in r.submits if s.accepted and s.state in (None, "ok")]
     for at, what in run.events:
-        if what.startswith("SIGKILL") and not any(
-                t > at and s.accepted and s.state in (None, "ok") for r in log.snapshot() for s in r.submits
-                for t in [s.at]):
+        if what.startswith("SIGKILL") and not any(t > at for t in accepted_images):
             problems.append(f"no image accepted after {what}")
     plain = [r for r in log.delivered() if r.malformed is None and r.answer is not None]
     plain_faulted = [r for r in plain if r.answer.state == "faulted"]
