@@ -258,7 +258,8 @@ def test_each_redirect_hop_is_checked(server, client, connects, monkeypatch):
     # Only 127.0.0.1 is treated as public here, so that the first hop to the file server is allowed
     # and the check of the redirect's target is what refuses it.
     classify = urls.address_refusal
-    monkeypatch.setattr(urls, "address_refusal", lambda ip: None if str(ip) == "127.0.0.1" else classify(ip))
+    monkeypatch.setattr(urls, "address_refusal",
+                        lambda ip, allow_private=False: None if str(ip) == "127.0.0.1" else classify(ip, allow_private))
     server.requests.clear()
     result = fetch_inputs(client, PopResponse(id="j", ids=["j"], source_image=f"{server.url}/to-metadata"),
                           allow_unsafe_ip=False)
@@ -280,7 +281,9 @@ def test_each_redirect_hop_is_checked(server, client, connects, monkeypatch):
 def test_refuse_reason(fake_dns, url, refused):
     assert (urls.refuse_reason(url, allow_private=False) is not None) is refused
     scheme_or_form = url.startswith(("ftp:", "file:")) or ":notaport" in url or url == "https:///x"
-    assert (urls.refuse_reason(url, allow_private=True) is not None) is scheme_or_form
+    # Link-local (cloud metadata), multicast, unspecified and unresolvable hosts are refused whatever the owner allows.
+    never = any(host in url for host in ("169.254.169.254", "[ff02::1]", "[::]", "unknown.invalid"))
+    assert (urls.refuse_reason(url, allow_private=True) is not None) is (scheme_or_form or never)
 
 
 # --- LoRAs and TIs ----------------------------------------------------------------------------

@@ -1,5 +1,5 @@
-"""Which URLs the worker may fetch for a job: http(s) only and, unless the owner allows it, only
-public addresses.
+"""Which URLs the worker may fetch for a job: http(s) only, never a link-local (cloud metadata),
+multicast or unspecified address, and unless the owner allows it, only public addresses.
 
 A job's source image comes as a URL chosen by whoever made the request. Fetching it from the
 volunteer's machine must not reach that machine's own services, its LAN or a cloud metadata
@@ -42,19 +42,24 @@ def form_problem(url: object) -> str | None:
     return None
 
 
-def address_refusal(ip: IPAddress) -> str | None:
-    """Why the worker must not connect to `ip` for a requester, or None for a public address."""
+# Never a source image's home, whatever the owner allows: link-local holds cloud metadata services.
+_NEVER = (("is_link_local", "link-local"), ("is_multicast", "multicast"), ("is_unspecified", "unspecified"))
+_NOT_PUBLIC = (("is_loopback", "loopback"), ("is_private", "private"), ("is_reserved", "reserved"))
+
+
+def address_refusal(ip: IPAddress, allow_private: bool = False) -> str | None:
+    """Why the worker must not connect to `ip` for a requester, or None. Link-local, multicast and
+    unspecified addresses are always refused; loopback, private and reserved ones unless `allow_private`."""
     if isinstance(ip, ipaddress.IPv6Address):
         embedded = ip.ipv4_mapped or ip.sixtofour
         if embedded is None and ip in _NAT64:
             embedded = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
         if embedded is not None:
-            return address_refusal(embedded)
-    for flag, reason in (("is_loopback", "loopback"), ("is_link_local", "link-local"), ("is_multicast", "multicast"),
-                         ("is_unspecified", "unspecified"), ("is_private", "private"), ("is_reserved", "reserved")):
+            return address_refusal(embedded, allow_private)
+    for flag, reason in _NEVER if allow_private else _NEVER + _NOT_PUBLIC:
         if getattr(ip, flag):
             return f"{ip} is a {reason} address"
-    if not ip.is_global:  # 100.64.0.0/10 (carrier-grade NAT) and the like
+    if not allow_private and not ip.is_global:  # 100.64.0.0/10 (carrier-grade NAT) and the like
         return f"{ip} is not a public address"
     return None
 
@@ -72,12 +77,12 @@ def resolve(host: str, port: int) -> list[IPAddress]:
 def refuse_reason(url: str, allow_private: bool) -> str | None:
     """Why the worker must not fetch `url`, or None when it may.
 
-    Only http(s) URLs with a host are fetched. Unless `allow_private`, the host is resolved and
-    each of its addresses must be public: no loopback, private (RFC 1918, ULA), link-local,
-    multicast, reserved or unspecified address, nor an IPv6 form that embeds one.
+    Only http(s) URLs with a host are fetched. The host is resolved and none of its addresses may be
+    link-local, multicast or unspecified; unless `allow_private`, each must be public: no loopback,
+    private (RFC 1918, ULA) or reserved address either, nor an IPv6 form that embeds one.
     """
     problem = form_problem(url)
-    if problem is not None or allow_private:
+    if problem is not None:
         return problem
     parts = urlsplit(url)
     host = parts.hostname or ""
@@ -88,7 +93,7 @@ def refuse_reason(url: str, allow_private: bool) -> str | None:
     if not addresses:
         return f"{host} resolves to nothing"
     for address in addresses:
-        reason = address_refusal(address)
+        reason = address_refusal(address, allow_private)
         if reason is not None:
             return reason if str(address) == host else f"{host}: {reason}"
     return None

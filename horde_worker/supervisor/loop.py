@@ -266,12 +266,14 @@ class Supervisor:
         )
 
     def room_to_pop(self) -> bool:
-        """Whether another job fits: the queue is short of queue_size plus the free working slots."""
+        """Whether another job fits: the jobs not yet sampled, and the sampled ones still waiting for their
+        safety check (a slow or restarting checker must not let finished images pile up, unjournaled), are
+        fewer than queue_size plus the free working slots."""
         working = [slot for slot in self.pool.slots if slot.usable]
         if not working:
             return False
         waiting = sum(1 for j in self.jobs.values()
-                      if j.state in (JobState.POPPED, JobState.INPUTS_READY, JobState.QUEUED))
+                      if j.state in (JobState.POPPED, JobState.INPUTS_READY, JobState.QUEUED, JobState.GENERATED))
         free_slots = sum(1 for slot in working if slot.job_id is None)
         return waiting < self.settings.queue_size + free_slots
 
