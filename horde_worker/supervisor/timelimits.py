@@ -3,9 +3,10 @@
 Every tick of the supervisor sweeps the jobs in hand:
 - a waiting job that can no longer run and be submitted before its TTL (at the speed measured so
   far) is faulted now, so the horde hands it to someone faster at once;
-- a running job whose next step does not come in time (60 s, or 20 times its own average step), or that cannot finish before its TTL at its
-  measured speed, is asked to stop (the inference process interrupts the sampling at the next step)
-  and faulted; a process that does not answer the stop in `STOP_GRACE` seconds is killed and replaced;
+- a running job whose next step does not come in time (60 s, or 20 times its own average step), or
+  that cannot finish before its TTL at its measured speed, is asked to stop (the inference process
+  interrupts the sampling at the next step) and faulted; a process that does not answer the stop
+  in `STOP_GRACE` seconds is killed and replaced;
 - a job post-processing beside the next one is faulted when its TTL is nearly over.
 Jobs being delivered are left to delivery, which knows when a submit is still worth making.
 """
