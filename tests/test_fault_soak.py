@@ -5,7 +5,7 @@ jobs; the inference and safety processes are killed several times, the main proc
 again in the same folder: its journal resubmits what was finished), and at the end Ctrl+C goes to the
 whole process group. Everything is then judged from the proxy's own log (see docs/reliability.md).
 
-`HORDE_SOAK_JOBS` sets how many jobs the run serves (default 200, about five minutes on 2 cores; 2000 for a
+`HORDE_SOAK_JOBS` sets how many jobs the run serves (default 200, about four minutes on 2 cores; 2000 for a
 long run); `HORDE_SOAK_REPORT` names a file for the run's figures as JSON.
 """
 
