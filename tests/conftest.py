@@ -94,15 +94,16 @@ def wait_for(condition: Callable[[], bool], timeout: float, what: str, interval:
 class WorkerProcess:
     """The worker started with `python -m horde_worker` in its own folder."""
 
-    def __init__(self, folder: Path, settings: dict, extra_args: list[str] | None = None) -> None:
+    def __init__(self, folder: Path, settings: dict, extra_args: list[str] | None = None, *,
+                 env: dict[str, str] | None = None, new_session: bool = False, append: bool = False) -> None:
         self.folder = folder
         (folder / "bridgeData.yaml").write_text(yaml.safe_dump(settings))
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "HORDE_WORKER_CPU_THREADS": "2"}
-        env = {k: v for k, v in env.items() if not k.startswith("AIWORKER_")}
-        self.log = open(folder / "worker.out", "w")  # noqa: SIM115
+        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "HORDE_WORKER_CPU_THREADS": "2", **(env or {})}
+        full_env = {k: v for k, v in full_env.items() if not k.startswith("AIWORKER_")}
+        self.log = open(folder / "worker.out", "a" if append else "w")  # noqa: SIM115
         self.process = subprocess.Popen(
             [sys.executable, "-m", "horde_worker", "--device", "cpu", *(extra_args or [])],
-            cwd=folder, env=env, stdout=self.log, stderr=subprocess.STDOUT,
+            cwd=folder, env=full_env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=new_session,
         )
 
     def output(self) -> str:
@@ -122,29 +123,36 @@ class WorkerProcess:
         self.log.close()
 
 
+def worker_settings(folder: Path, model_cache: Path, horde_url: str, api_key: str, cache_with: Path | None = None,
+                    **overrides) -> dict:
+    """bridgeData for a test worker in `folder`: the tiny model linked into its own cache_home (with the
+    files under `cache_with` too), the tiny safety CLIP, a quiet console; `overrides` win."""
+    cache = folder / "cache"
+    (cache / "compvis").mkdir(parents=True, exist_ok=True)
+    if cache_with:  # other weights, linked in
+        link_tree(cache_with, cache)
+    demo = model_cache / "compvis" / "horde-worker-tiny-sd15.safetensors"
+    target = cache / "compvis" / demo.name
+    if not target.exists():
+        os.link(demo, target)
+    return {
+        "horde_url": horde_url, "api_key": api_key, "dreamer_name": "test-worker",
+        "models_to_load": [DEMO_MODEL_NAME], "cache_home": str(cache), "max_threads": 1,
+        "queue_size": 1, "max_batch": 4, "max_power": 8, "stats_output_frequency": 5,
+        "limited_console_messages": True, "model_reference_url": "",
+        "safety_model": str(model_cache / "clip" / "tiny-clip-clean.safetensors"),
+        # Post-processor weights would be downloaded from the internet: tests that want them link local ones.
+        "allow_post_processing": False,
+        **overrides,
+    }
+
+
 @pytest.fixture
 def start_worker(tmp_path, model_cache) -> Iterator[Callable[..., WorkerProcess]]:
     started: list[WorkerProcess] = []
 
     def start(horde: LocalHorde, cache_with: Path | None = None, **overrides) -> WorkerProcess:
-        cache = tmp_path / "cache"
-        (cache / "compvis").mkdir(parents=True, exist_ok=True)
-        if cache_with:  # other weights, linked in
-            link_tree(cache_with, cache)
-        demo = model_cache / "compvis" / "horde-worker-tiny-sd15.safetensors"
-        target = cache / "compvis" / demo.name
-        if not target.exists():
-            os.link(demo, target)
-        settings = {
-            "horde_url": horde.url, "api_key": horde.api_key, "dreamer_name": "test-worker",
-            "models_to_load": [DEMO_MODEL_NAME], "cache_home": str(cache), "max_threads": 1,
-            "queue_size": 1, "max_batch": 4, "max_power": 8, "stats_output_frequency": 5,
-            "limited_console_messages": True, "model_reference_url": "",
-            "safety_model": str(model_cache / "clip" / "tiny-clip-clean.safetensors"),
-            # Post-processor weights would be downloaded from the internet: tests that want them link local ones.
-            "allow_post_processing": False,
-        }
-        settings.update(overrides)
+        settings = worker_settings(tmp_path, model_cache, horde.url, horde.api_key, cache_with, **overrides)
         worker = WorkerProcess(tmp_path, settings)
         started.append(worker)
         return worker
@@ -160,15 +168,7 @@ class GroupWorkerProcess(WorkerProcess):
     to the same worker.out."""
 
     def __init__(self, folder: Path, settings: dict, env: dict[str, str] | None = None) -> None:
-        self.folder = folder
-        (folder / "bridgeData.yaml").write_text(yaml.safe_dump(settings))
-        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "HORDE_WORKER_CPU_THREADS": "2", **(env or {})}
-        full_env = {k: v for k, v in full_env.items() if not k.startswith("AIWORKER_")}
-        self.log = open(folder / "worker.out", "a")  # noqa: SIM115
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "horde_worker", "--device", "cpu"],
-            cwd=folder, env=full_env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
-        )
+        super().__init__(folder, settings, env=env, new_session=True, append=True)
         self.pgid = self.process.pid
 
     def interrupt_group(self) -> None:
@@ -194,19 +194,7 @@ def start_group_worker(tmp_path, model_cache) -> Iterator[Callable[..., GroupWor
     started: list[GroupWorkerProcess] = []
 
     def start(horde_url: str, api_key: str, env: dict[str, str] | None = None, **overrides) -> GroupWorkerProcess:
-        cache = tmp_path / "cache"
-        (cache / "compvis").mkdir(parents=True, exist_ok=True)
-        demo = model_cache / "compvis" / "horde-worker-tiny-sd15.safetensors"
-        if not (cache / "compvis" / demo.name).exists():
-            os.link(demo, cache / "compvis" / demo.name)
-        settings = {
-            "horde_url": horde_url, "api_key": api_key, "dreamer_name": "test-worker",
-            "models_to_load": [DEMO_MODEL_NAME], "cache_home": str(cache), "max_threads": 1, "queue_size": 1,
-            "max_batch": 4, "max_power": 8, "stats_output_frequency": 5, "limited_console_messages": True,
-            "model_reference_url": "", "allow_post_processing": False,
-            "safety_model": str(model_cache / "clip" / "tiny-clip-clean.safetensors"),
-            **overrides,
-        }
+        settings = worker_settings(tmp_path, model_cache, horde_url, api_key, **overrides)
         worker = GroupWorkerProcess(tmp_path, settings, env)
         started.append(worker)
         return worker
