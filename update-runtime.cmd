@@ -22,7 +22,7 @@ goto args
 :done_args
 if not exist .venv\Scripts\python.exe (
   echo creating .venv
-  python -m venv .venv || (echo Python 3.10 or newer is needed on PATH & exit /b 2)
+  python -m venv .venv || (echo Python 3.11 or newer is needed on PATH & exit /b 2)
 )
 set PIP=.venv\Scripts\python.exe -m pip install --disable-pip-version-check -q
 echo installing torch for %MODE%

@@ -33,8 +33,8 @@ if [ -z "$mode" ]; then
 fi
 
 python_bin="${PYTHON:-python3}"
-if ! "$python_bin" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else 1)' 2>/dev/null; then
-  echo "Python 3.10 or newer is needed (set PYTHON=/path/to/python3)." >&2
+if ! "$python_bin" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)' 2>/dev/null; then
+  echo "Python 3.11 or newer is needed (set PYTHON=/path/to/python3)." >&2
   exit 2
 fi
 if [ ! -x .venv/bin/python ]; then

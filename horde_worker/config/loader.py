@@ -56,6 +56,8 @@ class LoadedConfig:
     path: Path | None
     raw_keys: set[str] = field(default_factory=set)
     notices: list[str] = field(default_factory=list)
+    # The environment the settings were read with (None: the process's own), read again on reload.
+    environ: dict[str, str] | None = None
 
 
 def read_yaml(path: Path) -> dict[str, Any]:
@@ -91,7 +93,7 @@ def load_config(path: Path | None, overrides: dict[str, Any] | None = None,
     for key, why in NOT_YET_HONOURED.items():
         if key in merged and getattr(data, key) != getattr(defaults, key):
             notices.append(f"{key} is set but not acted on yet: {why}")
-    return LoadedConfig(data=data, path=path, raw_keys=set(merged), notices=notices)
+    return LoadedConfig(data=data, path=path, raw_keys=set(merged), notices=notices, environ=environ)
 
 
 class ConfigWatcher:
@@ -115,7 +117,7 @@ class ConfigWatcher:
         if stamp is None or stamp == self._stamp:
             return {}, []
         self._stamp = stamp
-        fresh = load_config(self.current.path, self.overrides)
+        fresh = load_config(self.current.path, self.overrides, self.current.environ)
         old, new = self.current.data, fresh.data
         applied, restart = {}, []
         for key in BridgeData.model_fields:

@@ -103,9 +103,15 @@ def _encode_chunks(text_encoder, tokenizer, chunks, layer: int | None, normalize
         hidden = output.hidden_states[layer]
         if normalize:
             hidden = getattr(text_encoder, "text_model", text_encoder).final_layer_norm(hidden)
-    original_mean = hidden.mean(dim=(1, 2), keepdim=True)
-    hidden = hidden * weights[..., None]
-    hidden = hidden * (original_mean / hidden.mean(dim=(1, 2), keepdim=True))
+    if bool((weights != 1.0).any()):  # unweighted text stays exactly as the encoder gave it
+        original_mean = hidden.mean(dim=(1, 2), keepdim=True)
+        hidden = hidden * weights[..., None]
+        weighted_mean = hidden.mean(dim=(1, 2), keepdim=True)
+        # A mean at (or next to) zero gives no scale to restore: dividing by it would blow the text up to inf/NaN.
+        usable = weighted_mean.abs() > 1e-6
+        ratio = torch.where(usable, original_mean / torch.where(usable, weighted_mean, torch.ones_like(weighted_mean)),
+                            torch.ones_like(weighted_mean))
+        hidden = hidden * ratio
     pooled = output[0][0:1] if output[0].ndim == 2 else None
     return hidden.reshape(1, -1, hidden.shape[-1]), pooled
 
