@@ -26,13 +26,7 @@ from horde_worker.config.bridge_data import BridgeData
 from horde_worker.horde.client import HordeClient, HordeError, HordeUnreachable
 from horde_worker.horde.wire import PopRequest, PopResponse
 from horde_worker.inference.messages import (
-    GenerateFailed,
-    GenerateResult,
     Preload,
-    Preloaded,
-    Progress,
-    SamplingDone,
-    SlotReady,
     SlotSpec,
 )
 from horde_worker.models.catalog import ModelCatalog
@@ -45,6 +39,7 @@ from horde_worker.supervisor.journal import Journal
 from horde_worker.supervisor.popping import Popper, fingerprint, sleep_until
 from horde_worker.supervisor.safety_client import SafetyClient
 from horde_worker.supervisor.scheduler import Scheduler
+from horde_worker.supervisor.slot_events import SlotEvents
 from horde_worker.supervisor.slots import Slot, SlotPool
 from horde_worker.supervisor.stats import SessionStats, status_line
 from horde_worker.supervisor.timelimits import TimeKeeper
@@ -91,6 +86,7 @@ class Supervisor:
         self.delivery = Delivery(self)
         self.popper = Popper(self)
         self.timekeeper = TimeKeeper(self)
+        self.events = SlotEvents(self)
         self.adapter_caches = AdapterCaches.from_settings(settings.cache_home, settings.max_lora_cache_size,
                                                           settings.civitai_api_url, settings.civitai_api_token)
 
@@ -102,7 +98,7 @@ class Supervisor:
             logger.warning("stopping: no new jobs; finishing {} job(s) in hand (Ctrl+C again to quit now)",
                            len(self.jobs))
         self.stopping = True
-        self._poke()
+        self.poke()
 
     def replace_catalog_threadsafe(self, catalog: ModelCatalog) -> None:
         """Serve a new set of models from the next pop on (called from another thread)."""
@@ -113,12 +109,13 @@ class Supervisor:
             logger.info("now serving {} model(s){}{}", len(catalog),
                         f"; added {', '.join(sorted(added))}" if added else "",
                         f"; removed {', '.join(sorted(removed))}" if removed else "")
-            self._poke()
+            self.poke()
 
         if self._loop is not None:
             self._loop.call_soon_threadsafe(swap)
 
-    def _poke(self) -> None:
+    def poke(self) -> None:
+        """Wake the main loop (something changed)."""
         if self._wake is not None:
             self._wake.set()
 
@@ -190,7 +187,8 @@ class Supervisor:
         """The supervisor's main loop; returns the process exit code."""
         self._loop = asyncio.get_running_loop()
         self._wake = asyncio.Event()
-        self.pool = SlotPool(self.slot_specs, self._threadsafe(self._on_message), self._threadsafe(self._on_death),
+        self.pool = SlotPool(self.slot_specs, self._threadsafe(self.events.on_message),
+                             self._threadsafe(self.events.on_death),
                              target=self._slot_target, backoff=self.restart_backoff)
         self.pool.start()
         await self._prepare_worker()
@@ -369,116 +367,6 @@ class Supervisor:
         """The slot sampling `job`, if any."""
         return next((slot for slot in self.pool.slots if slot.job_id == job.id), None)
 
-    def _on_message(self, slot: Slot, message: object) -> None:
-        try:
-            self._handle_message(slot, message)
-        except Exception as exc:
-            logger.opt(exception=exc).error("message {} from slot {} could not be handled", type(message).__name__,
-                                            slot.spec.slot)
-            job = self.jobs.get(getattr(message, "job_id", ""))
-            if job is not None:
-                self.fault(job, f"{type(exc).__name__}: {exc}")
-        self._poke()
-
-    def _handle_message(self, slot: Slot, message: object) -> None:
-        if isinstance(message, SlotReady):
-            slot.ready = True
-            logger.info("inference slot {} ready on {}", slot.spec.slot, message.device_name)
-        elif isinstance(message, Preloaded):
-            slot.preloading.discard(message.model_name)
-            slot.resident = list(message.resident_models)
-            if message.error:
-                logger.warning("preloading {} failed: {}", message.model_name, message.error)
-            elif message.seconds > 0:
-                logger.info("model {} preloaded in {:.2f}s while the slot worked", message.model_name,
-                            message.seconds)
-        elif isinstance(message, Progress):
-            job = self.jobs.get(message.job_id)
-            if job is not None and job.state is JobState.RUNNING:
-                job.progress = (message.step, message.total)
-                job.last_progress_at = time.time()
-                if job.first_step is None and message.step >= 1:
-                    job.first_step = (job.last_progress_at, message.step)
-        elif isinstance(message, SamplingDone):
-            if slot.job_id == message.job_id:
-                slot.job_id, slot.stop_asked_at = None, None
-            slot.resident = list(message.resident_models)
-            job = self.jobs.get(message.job_id)
-            if job is not None and job.state is JobState.RUNNING:
-                job.advance(JobState.POSTPROCESSING)
-                logger.info("job {} sampled in {:.2f}s; post-processing it while the slot takes the next job",
-                            job.id, message.sample_seconds)
-        elif isinstance(message, GenerateResult | GenerateFailed):
-            self._on_job_done(slot, message)
-
-    def _on_job_done(self, slot: Slot, message: GenerateResult | GenerateFailed) -> None:
-        if slot.job_id == message.job_id:
-            slot.job_id, slot.stop_asked_at = None, None
-        slot.failures_in_row = 0  # the process answers jobs: whatever killed it before is behind it
-        slot.resident = list(message.resident_models)
-        job = self.jobs.get(message.job_id)
-        if job is None or job.state not in (JobState.RUNNING, JobState.POSTPROCESSING):
-            return
-        if isinstance(message, GenerateFailed):
-            self.fault(job, message.reason)
-            return
-        job.images = list(message.images)
-        job.gen_metadata.extend(jobspec.notes_metadata(message.notes))
-        for kind, value, ref in message.notes:
-            logger.info("job {}: {} {}{}", job.id, kind, value, f" ({ref})" if ref else "")
-        job.advance(JobState.GENERATED)
-        self.stats.job_generated(job.megapixelsteps, message.load_seconds + message.sample_seconds)
-        if message.postprocess_seconds:
-            self.stats.postprocessed(message.postprocess_seconds)
-        if message.load_source != "resident":
-            logger.info("model switch to {}: from {} in {:.2f}s", job.model, message.load_source,
-                        message.load_seconds)
-        extra = f" + {message.postprocess_seconds:.2f}s post-processing" if message.postprocess_seconds else ""
-        logger.info("job {} generated in {:.2f}s{}", job.id, message.sample_seconds, extra)
-        self.finish(job)
-
-    def _on_death(self, slot: Slot, exit_code: int | None) -> None:
-        try:
-            self._handle_death(slot, exit_code)
-        except Exception as exc:
-            logger.opt(exception=exc).error("the death of slot {} could not be handled", slot.spec.slot)
-        self._poke()
-
-    def _handle_death(self, slot: Slot, exit_code: int | None) -> None:
-        # The job it was sampling and any it was post-processing beside it.
-        lost = [job for job in self.jobs.values()
-                if job.slot == slot.spec.slot and job.state in (JobState.RUNNING, JobState.POSTPROCESSING)]
-        on_purpose = slot.killed_on_purpose
-        delay = self.pool.record_death(slot, counts=not on_purpose)
-        if delay is None:
-            logger.error("inference slot {} on {} is unusable: {}. The worker goes on with the slots that work.",
-                         slot.spec.slot, slot.spec.device, slot.unusable)
-            self._check_slots_left()
-        elif not on_purpose:
-            logger.error("inference slot {} died (exit code {}); starting a new one{}", slot.spec.slot, exit_code,
-                         f" in {delay:.0f}s" if delay else "")
-        any_usable = any(s.usable for s in self.pool.slots)
-        for job in lost:
-            spent = time.time() - (job.started_at or job.popped_at)
-            if any_usable and job.attempts < 2 and time.time() + spent * 1.5 + self.timekeeper.margin < job.deadline:
-                logger.warning("job {} runs again on a new process", job.id)
-                self.scheduler.add(job, front=True)
-            else:
-                self.fault(job, f"inference process died (exit code {exit_code})")
-
-    def _check_slots_left(self) -> None:
-        unusable = [slot for slot in self.pool.slots if not slot.usable]
-        if len(unusable) == len(self.pool.slots):
-            self.fatal = "no inference slot works: " + "; ".join(
-                f"slot {slot.spec.slot} on {slot.spec.device}: {slot.unusable}" for slot in unusable)
-            logger.error("{}. Stopping.", self.fatal)
-            self.request_stop()
-        elif self.settings.exit_on_unhandled_faults:
-            self.fatal = f"slot {unusable[-1].spec.slot} on {unusable[-1].spec.device} is unusable " \
-                         f"({unusable[-1].unusable}) and exit_on_unhandled_faults is set"
-            logger.error("{}. Stopping.", self.fatal)
-            self.request_stop()
-
     # --- results -----------------------------------------------------------------------------
 
     def forget(self, job: Job, keep_journal: bool = False) -> None:
@@ -489,7 +377,7 @@ class Supervisor:
         self.adapter_caches.release([*job.loras, *job.tis])
         self.scheduler.remove(job)
         self.jobs.pop(job.id, None)
-        self._poke()
+        self.poke()
 
     # --- status ------------------------------------------------------------------------------
 
