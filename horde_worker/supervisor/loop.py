@@ -36,7 +36,7 @@ from horde_worker.supervisor.delivery import Delivery
 from horde_worker.supervisor.inputs import AdapterCaches, fetch_adapters, fetch_inputs
 from horde_worker.supervisor.job import Job, JobState
 from horde_worker.supervisor.journal import Journal
-from horde_worker.supervisor.popping import Popper, fingerprint, sleep_until
+from horde_worker.supervisor.popping import Popper, fingerprint
 from horde_worker.supervisor.safety_client import SafetyClient
 from horde_worker.supervisor.scheduler import Scheduler
 from horde_worker.supervisor.slot_events import SlotEvents
@@ -250,7 +250,7 @@ class Supervisor:
     def pop_request(self) -> PopRequest:
         """What this worker asks the horde for; it claims only what it can do faithfully."""
         s = self.settings
-        working = [slot for slot in self.pool.slots if slot.usable] if self.pool is not None else self.slot_specs
+        working = self.pool.working() if self.pool is not None else self.slot_specs
         return PopRequest(
             name=s.dreamer_name, models=self.catalog.names(), bridge_agent=BRIDGE_AGENT,
             threads=max(1, len(working)), amount=s.max_batch, max_pixels=s.max_pixels, nsfw=s.nsfw,
@@ -267,7 +267,7 @@ class Supervisor:
         """Whether another job fits: the jobs not yet sampled, and the sampled ones still waiting for their
         safety check (a slow or restarting checker must not let finished images pile up, unjournaled), are
         fewer than queue_size plus the free working slots."""
-        working = [slot for slot in self.pool.slots if slot.usable]
+        working = self.pool.working()
         if not working:
             return False
         waiting = sum(1 for j in self.jobs.values()
@@ -277,7 +277,9 @@ class Supervisor:
 
     async def sleep_unless_stopping(self, seconds: float) -> None:
         """Sleep, waking early when the worker starts stopping."""
-        await sleep_until(time.monotonic() + seconds, lambda: self.stopping)
+        end = time.monotonic() + seconds
+        while not self.stopping and time.monotonic() < end:
+            await asyncio.sleep(min(0.2, max(0.0, end - time.monotonic())))
 
     def show_messages(self, pop: PopResponse) -> None:
         """Log each moderator message once."""
@@ -287,13 +289,13 @@ class Supervisor:
                 self._seen_messages.add(key)
                 logger.warning("message from the horde's moderators: {}", message.message)
 
-    def stop_stale_copies(self, print_: tuple) -> None:
+    def stop_stale_copies(self, key: tuple) -> None:
         """A newly popped request that matches a job in hand whose TTL is (nearly) over: the horde has aborted
         the old copy and handed the request out again, so the old copy is stopped."""
         now = time.time()
         for job in list(self.jobs.values()):
             if job.state in (JobState.QUEUED, JobState.RUNNING, JobState.POSTPROCESSING) \
-                    and job.deadline < now + max(0.0, self.timekeeper.margin) and fingerprint(job.pop) == print_:
+                    and job.deadline < now + max(0.0, self.timekeeper.margin) and fingerprint(job.pop) == key:
                 logger.warning("job {} was handed out again by the horde; stopping the old copy", job.id)
                 if job.state is JobState.RUNNING:
                     self.timekeeper.stop_running(job, "the horde handed the same request out again")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import time
 from typing import TYPE_CHECKING, Any
 
 from loguru import logger
@@ -79,41 +78,34 @@ class Popper:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                self.in_flight = False
                 logger.opt(exception=exc).error("pop loop: unexpected {} ({}); popping goes on", type(exc).__name__, exc)
                 await self.sup.sleep_unless_stopping(5.0)
 
     async def _round(self) -> None:
+        """One pop and what follows from its answer; `in_flight` holds until a popped job is registered."""
         sup = self.sup
         self.in_flight = True
         try:
-            pop = await asyncio.to_thread(sup.client.pop, sup.pop_request(),
-                                          RetryPolicy(attempts=3, base_delay=0.5, max_delay=10))
-        except MalformedPop as exc:
-            self.in_flight = False
-            self._fault_unreadable(exc)
-            await sup.sleep_unless_stopping(sup.pop_interval)
-            return
-        except HordeError as exc:
-            self.in_flight = False
-            await self._refused(exc)
-            return
-        except HordeUnreachable as exc:
-            self.in_flight = False
-            self._failures += 1
-            logger.warning("horde unreachable: {}; trying again", exc)
-            await sup.sleep_unless_stopping(min(60.0, 2**self._failures * random.uniform(0.5, 1.0)))
-            return
-        except BaseException:
-            self.in_flight = False
-            raise
-        self._failures = 0
-        try:
-            self._take(pop)
+            try:
+                pop = await asyncio.to_thread(sup.client.pop, sup.pop_request(),
+                                              RetryPolicy(attempts=3, base_delay=0.5, max_delay=10))
+            except MalformedPop as exc:
+                self._fault_unreadable(exc)
+                pause = sup.pop_interval
+            except HordeError as exc:
+                pause = self._refused(exc)
+            except HordeUnreachable as exc:
+                self._failures += 1
+                logger.warning("horde unreachable: {}; trying again", exc)
+                pause = min(60.0, 2**self._failures * random.uniform(0.5, 1.0))
+            else:
+                self._failures = 0
+                self._take(pop)
+                pause = 0.0 if pop.has_job else sup.pop_interval
         finally:
             self.in_flight = False
-        if not pop.has_job:
-            await sup.sleep_unless_stopping(sup.pop_interval)
+        if pause:
+            await sup.sleep_unless_stopping(pause)
 
     def _take(self, pop: PopResponse) -> None:
         sup = self.sup
@@ -145,27 +137,21 @@ class Popper:
         job.advance(JobState.FAULTED, f"the job could not be read: {exc.problem}")
         self.sup.finish(job)
 
-    async def _refused(self, exc: HordeError) -> None:
+    def _refused(self, exc: HordeError) -> float:
+        """Act on a refused pop; returns the seconds to wait before the next one."""
         sup = self.sup
         if exc.rc in FATAL_POP_ERRORS:
             sup.fatal = f"{FATAL_POP_ERRORS[exc.rc]} ({exc.message})"
             logger.error("the horde refused this worker: {}", sup.fatal)
             sup.request_stop()
-            return
+            return 0.0
         if exc.rc in MAINTENANCE_ERRORS:
             logger.warning(
                 "the horde has put this worker in maintenance ({}). Jobs failed too often: look at "
                 "logs/trace.log, fix the cause, then clear it on the horde's worker page or with "
                 "remove_maintenance_on_init: true and a restart. Asking again in {:.0f}s.",
                 exc.message, sup.maintenance_interval)
-            await sup.sleep_unless_stopping(sup.maintenance_interval)
-            return
+            return sup.maintenance_interval
         self._failures += 1
         logger.warning("pop refused: {}", exc)
-        await sup.sleep_unless_stopping(min(60.0, 2**self._failures))
-
-
-async def sleep_until(deadline: float, stopping) -> None:
-    """Sleep until the monotonic `deadline`, waking early when `stopping()` turns true."""
-    while not stopping() and time.monotonic() < deadline:
-        await asyncio.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
+        return min(60.0, 2**self._failures)

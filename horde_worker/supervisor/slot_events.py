@@ -124,7 +124,7 @@ class SlotEvents:
         elif not on_purpose:
             logger.error("inference slot {} died (exit code {}); starting a new one{}", slot.spec.slot, exit_code,
                          f" in {delay:.0f}s" if delay else "")
-        any_usable = any(s.usable for s in self.sup.pool.slots)
+        any_usable = bool(self.sup.pool.working())
         for job in lost:
             spent = time.time() - (job.started_at or job.popped_at)
             if any_usable and job.attempts < 2 and time.time() + spent * 1.5 + self.sup.timekeeper.margin < job.deadline:

@@ -123,6 +123,10 @@ class SlotPool:
             slot.ready = False
             return False
 
+    def working(self) -> list[Slot]:
+        """The slots that can still take jobs (running, starting or waiting to restart)."""
+        return [slot for slot in self.slots if slot.usable]
+
     def kill(self, slot: Slot) -> None:
         """Kill a process that does not answer; its death is reported as any other."""
         if slot.process is not None and slot.process.is_alive():
@@ -155,7 +159,6 @@ class SlotPool:
     def restart(self, slot: Slot) -> None:
         """Replace a dead process with a fresh one."""
         slot.restarts += 1
-        slot.restart_at = None
         if slot.process is not None and slot.process.is_alive():
             slot.process.kill()
             slot.process.join(timeout=5)

@@ -53,7 +53,7 @@ class TimeKeeper:
         """Fault, stop or kill whatever would otherwise outlive its time limit."""
         now = time.time() if now is None else now
         sup = self.sup
-        any_usable = sup.pool is not None and any(slot.usable for slot in sup.pool.slots)
+        any_usable = sup.pool is not None and bool(sup.pool.working())
         for job in list(sup.jobs.values()):
             if job.state in WAITING:
                 self._check_waiting(job, now, any_usable)
