@@ -99,12 +99,20 @@ def run_worker(model: str, checkpoint: Path, device: str, mix: list[dict[str, An
     }
 
 
+# The diffusers scheduler a plain diffusers user would pick for a horde sampler name.
+PLAIN_SCHEDULERS = {"k_euler": "EulerDiscreteScheduler", "k_euler_a": "EulerAncestralDiscreteScheduler",
+                    "k_heun": "HeunDiscreteScheduler", "k_lms": "LMSDiscreteScheduler",
+                    "k_dpm_2": "KDPM2DiscreteScheduler", "k_dpm_2_a": "KDPM2AncestralDiscreteScheduler",
+                    "k_dpmpp_2m": "DPMSolverMultistepScheduler", "k_dpmpp_sde": "DPMSolverSDEScheduler"}
+
+
 def run_plain_diffusers(checkpoint: Path, device: str, mix: list[dict[str, Any]]) -> dict[str, Any]:
     """The same jobs through a plain diffusers StableDiffusionPipeline call, one after the other."""
     import torch
 
+    import diffusers
+
     from horde_worker.inference.pipelines import load_pipeline
-    from horde_worker.inference.samplers import make_scheduler
 
     torch_device = torch.device(device)
     dtype = torch.float16 if torch_device.type == "cuda" else torch.float32
@@ -122,8 +130,10 @@ def run_plain_diffusers(checkpoint: Path, device: str, mix: list[dict[str, Any]]
     def run(body: dict[str, Any]) -> None:
         p = body["params"]
         prompt, _, negative = body["prompt"].partition("###")
-        pipe.scheduler = make_scheduler(p.get("sampler_name", "k_euler_a"), p.get("karras", True),
-                                        loaded.scheduler_config)
+        scheduler_class = getattr(diffusers, PLAIN_SCHEDULERS.get(p.get("sampler_name", "k_euler_a"),
+                                                                  "EulerAncestralDiscreteScheduler"))
+        pipe.scheduler = scheduler_class.from_config(loaded.scheduler_config,
+                                                     use_karras_sigmas=bool(p.get("karras", True)))
         generator = torch.Generator("cpu").manual_seed(1)
         pipe(prompt=prompt, negative_prompt=negative or None, width=p["width"], height=p["height"],
              num_inference_steps=p["steps"], guidance_scale=p.get("cfg_scale", 7.0),

@@ -221,5 +221,4 @@ def run(pass_, sources: sources_mod.Sources) -> list[np.ndarray]:
     controlnet = pass_.model.controlnets[request.control_model_path]
     pipeline = AutoPipelineForText2Image.from_pipe(pass_.pipe, controlnet=controlnet)
     pipeline.set_progress_bar_config(disable=True)
-    return pass_.call(pipeline, request.steps, request.steps, image=[cmap] * count, width=request.width,
-                      height=request.height)
+    return pass_.call(pipeline, request.steps, image=[cmap] * count, width=request.width, height=request.height)

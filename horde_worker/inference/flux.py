@@ -9,9 +9,11 @@ The transformer's layout is mapped onto diffusers' by name, with widths read off
 from __future__ import annotations
 
 import json
+import math
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from horde_worker.inference.checkpoint import CheckpointError, _count_indices, _load_exact, skip_weight_init
@@ -213,7 +215,8 @@ def t5_tokenizer(folder: Path):
 
 
 def scheduler_config(guidance_distilled: bool) -> dict:
-    """Flux.1 dev (guidance-distilled) shifts its schedule with the image size; schnell does not."""
+    """diffusers' flow-matching Euler, told to run the sigmas it is given unchanged (`schedule` below
+    computes them as the reference does)."""
     return json.loads((ASSETS / ("flux_dev.json" if guidance_distilled else "flux_schnell.json")).read_text())
 
 
@@ -268,3 +271,47 @@ def move_keeping_fp8(pipe, device: torch.device, dtype: torch.dtype) -> None:
                 component.to(device)
             else:
                 component.to(device=device, dtype=dtype)
+
+
+# --- the reference's Flux schedule ----------------------------------------------------------------
+# Flux.1 dev samples flow-matching sigmas shifted by a fixed mu of 1.15 (a table of 10000 levels),
+# schnell unshifted (1000 levels). The reference's "normal" schedule spaces its timesteps evenly between
+# the table's ends and maps them through the shift once more; it does not change with the image size.
+DEV_SHIFT = 1.15
+
+
+def flow_sigma(t: float, distilled: bool) -> float:
+    """The noise level of a Flux model at timestep `t` in (0, 1]."""
+    if not distilled:
+        return t
+    return math.exp(DEV_SHIFT) / (math.exp(DEV_SHIFT) + (1 / t - 1))
+
+
+def flow_sigmas(steps: int, distilled: bool) -> list[float]:
+    """The reference's normal schedule for a Flux model, without the final 0."""
+    lowest = flow_sigma(1 / 10000, True) if distilled else 1 / 1000
+    return [flow_sigma(float(t), distilled) for t in np.linspace(1.0, lowest, steps, dtype=np.float32)]
+
+
+def schedule(pipeline, steps: int, denoise: float | None, seeds: list[int], width: int,
+             height: int) -> tuple[int, dict]:
+    """(num_inference_steps, extra pipeline arguments) that make a diffusers Flux pipeline run the
+    reference's sigmas: all of them from pure noise (drawn in float32 from each seed), or from an image the
+    last `steps` of the schedule made for int(steps / denoise) steps."""
+    from horde_worker.inference.noise import start_noise
+
+    distilled = bool(pipeline.transformer.config.guidance_embeds)
+    if denoise is not None and denoise <= 0.9999:
+        total = int(steps / denoise)
+        # diffusers keeps the last int(total - total * strength) steps: this strength keeps exactly `steps`.
+        return total, {"sigmas": flow_sigmas(total, distilled), "strength": (steps - 0.5) / total}
+    channels = pipeline.transformer.config.in_channels // 4
+    rows, columns = 2 * (height // (pipeline.vae_scale_factor * 2)), 2 * (width // (pipeline.vae_scale_factor * 2))
+    noise = start_noise(seeds, (len(seeds), channels, rows, columns))
+    packed = pipeline._pack_latents(noise, len(seeds), channels, rows, columns)
+    extra: dict = {"sigmas": flow_sigmas(steps, distilled)}
+    if denoise is None:
+        extra["latents"] = packed.to(pipeline.transformer.device, pipeline.transformer.dtype)
+    else:
+        extra["strength"] = 1.0
+    return steps, extra

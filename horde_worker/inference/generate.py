@@ -7,7 +7,7 @@
       ControlNet    (control_type: the annotator's map guides a txt2img pass)
       inpainting    (a mask from source_mask or the source's alpha; kept pixels composited back)
       img2img       (denoising_strength; the requested number of steps really runs)
-      txt2img       (with hires_fix: a first pass at the baseline's native size, then img2img)
+      txt2img       (with hires_fix: see inference/hires.py)
 
 Image i depends only on seed i: one CPU generator per image, so a job for that seed alone
 regenerates it exactly, on any device.
@@ -24,16 +24,12 @@ import numpy as np
 import torch
 from PIL import Image
 
+from horde_worker.inference import flux, hires
 from horde_worker.inference import sources as sources_mod
 from horde_worker.inference.conditioning import encode_prompts, plain_text
+from horde_worker.inference.kscheduler import IMAGE_PIPELINE_STRENGTH, KScheduler
 from horde_worker.inference.messages import GenerateRequest
 from horde_worker.inference.samplers import UnsupportedSampler, make_scheduler, sampler_refusal
-
-DEFAULT_HIRES_STRENGTH = 0.65
-# SDXL's training buckets: a hires first pass picks the one nearest the job's aspect ratio.
-XL_BUCKETS = ((1024, 1024), (1152, 896), (896, 1152), (1216, 832), (832, 1216), (1344, 768), (768, 1344),
-              (1536, 640), (640, 1536))
-
 
 class UnsupportedJob(ValueError):
     """The job asks for something this model cannot do faithfully."""
@@ -45,16 +41,6 @@ class JobOutput:
 
     images: list[np.ndarray]
     notes: list[tuple[str, str, str | None]] = field(default_factory=list)
-
-
-def native_size(baseline: str, width: int, height: int, v_prediction: bool = False) -> tuple[int, int]:
-    """The size a baseline was trained at, with the job's aspect ratio (multiples of 64)."""
-    if baseline in ("stable_diffusion_xl", "flux_1"):
-        aspect = width / height
-        return min(XL_BUCKETS, key=lambda wh: abs(math.log(wh[0] / wh[1] / aspect)))
-    short = 768 if v_prediction else 512
-    scale = short / min(width, height)
-    return max(64, round(width * scale / 64) * 64), max(64, round(height * scale / 64) * 64)
 
 
 def img2img_steps(steps: int, strength: float) -> int:
@@ -72,7 +58,7 @@ def run_job(model, request: GenerateRequest, on_step: Callable[[int, int], None]
 
     if request.tiling and model.baseline == "flux_1":
         raise UnsupportedJob("tiling is not available for Flux models (no convolutions to wrap)")
-    refusal = sampler_refusal(request.sampler_name, model.baseline, bool(request.source_image or request.hires_fix))
+    refusal = sampler_refusal(request.sampler_name, model.baseline)
     if refusal is not None:
         raise UnsupportedSampler(refusal)
     if request.sampler_name == "k_dpm_adaptive" and len(request.seeds) > 1:
@@ -169,53 +155,107 @@ class Pass:
             extra.update(negative_prompt=[plain_text(n) for n in self.negatives], true_cfg_scale=request.cfg_scale)
         return extra
 
-    def call(self, pipeline, steps: int, total_steps: int, **kwargs) -> list[np.ndarray]:
-        """Run one diffusers pipeline call with the job's sampler, conditioning and seeds."""
+    def sample(self, pipeline, steps: int, denoise: float | None = None, rule: str | None = None, **kwargs):
+        """Run one diffusers pipeline call with the job's sampler, conditioning and seeds, for `steps`
+        sampler steps: from pure noise, or with `denoise` from the `image` (pixels or latents) in `kwargs`.
+        `rule` overrides the job's schedule (see `schedules.RULES`). Returns the pipeline's output."""
         request = self.request
+        from_image = denoise is not None
+        scheduler = None
+        if not self.is_flux:
+            scheduler = make_scheduler(request.sampler_name, request.karras, self.model.scheduler_config,
+                                       request.seeds, steps, denoise, rule)
+            pipeline.scheduler = scheduler
+            kwargs.setdefault("guidance_scale", request.cfg_scale)
+        if isinstance(scheduler, KScheduler):
+            pipeline_steps, progress = scheduler.pipeline_steps(from_image), scheduler.steps_done
+            if from_image:
+                kwargs["strength"] = IMAGE_PIPELINE_STRENGTH
+            else:
+                kwargs["latents"] = self.start_latents(pipeline, scheduler, kwargs["width"], kwargs["height"])
+        else:
+            # Schedulers of diffusers' own (Flux's, dpmsolver) cut their schedule by strength themselves.
+            pipeline_steps = img2img_steps(steps, denoise) if from_image else steps
+            progress = lambda evaluations: min(evaluations, steps)  # noqa: E731
+            if from_image:
+                kwargs["strength"] = denoise
+            if self.is_flux:
+                pipeline_steps, extra = flux.schedule(pipeline, steps, denoise, request.seeds, kwargs["width"],
+                                                      kwargs["height"])
+                kwargs.update(extra)
 
         def step_end(pipe, step: int, _timestep, tensors: dict) -> dict:
             if getattr(pipe.scheduler, "finished", False):
                 pipe._interrupt = True  # an adaptive sampler reached the end before its step budget
             if self.on_step is not None:
-                self.on_step(min(step + 1, total_steps), total_steps)
+                self.on_step(progress(step + 1), steps)
             return tensors
 
-        if not self.is_flux:
-            pipeline.scheduler = make_scheduler(request.sampler_name, request.karras, self.model.scheduler_config,
-                                                request.seeds)
-            kwargs.setdefault("guidance_scale", request.cfg_scale)
-        output = pipeline(num_inference_steps=steps, generator=self.generators(), output_type="np",
-                          callback_on_step_end=step_end, **self.conditioning(), **kwargs)
+        kwargs.setdefault("output_type", "np")
+        return pipeline(num_inference_steps=pipeline_steps, generator=self.generators(),
+                        callback_on_step_end=step_end, **self.conditioning(), **kwargs)
+
+    def call(self, pipeline, steps: int, denoise: float | None = None, **kwargs) -> list[np.ndarray]:
+        """`sample`, as 8-bit RGB images."""
+        output = self.sample(pipeline, steps, denoise, **kwargs)
         images = np.clip(np.rint(output.images * 255.0), 0, 255).astype(np.uint8)
-        return [images[i] for i in range(len(request.seeds))]
+        return [images[i] for i in range(len(self.request.seeds))]
+
+    def start_latents(self, pipeline, scheduler: KScheduler, width: int, height: int) -> torch.Tensor:
+        """The seeds' start noise in the pipeline's latent shape and precision (the scheduler keeps its
+        float32 original)."""
+        unet = pipeline.unet
+        scale = pipeline.vae_scale_factor
+        like = torch.empty((len(self.request.seeds), unet.config.in_channels, height // scale, width // scale),
+                           device=unet.device)
+        return scheduler.start_noise(like).to(unet.dtype)
+
+    def encode(self, images: list[Image.Image]) -> torch.Tensor:
+        """Source images as latents: the mean of the VAE's posterior, as the reference encodes them (diffusers
+        would draw a sample from it)."""
+        vae = self.pipe.vae
+        pixels = self.pipe.image_processor.preprocess(images, height=self.request.height, width=self.request.width)
+        upcast = vae.dtype == torch.float16 and vae.config.get("force_upcast", False)
+        dtype = torch.float32 if upcast else vae.dtype
+        with torch.no_grad():
+            if upcast:
+                vae.to(torch.float32)
+            try:
+                latents = vae.encode(pixels.to(vae.device, dtype)).latent_dist.mode()
+            finally:
+                if upcast:
+                    vae.to(torch.float16)
+        return (latents * vae.config.scaling_factor).to(self.pipe.unet.dtype)
 
     def txt2img(self, width: int, height: int) -> list[np.ndarray]:
-        return self.call(self.pipe, self.request.steps, self.request.steps, width=width, height=height)
+        return self.call(self.pipe, self.request.steps, width=width, height=height)
 
     def txt2img_with_hires(self) -> list[np.ndarray]:
         request = self.request
-        if not request.hires_fix:
+        baseline = self.model.baseline
+        if not request.hires_fix or not hires.applies(baseline, request.width, request.height):
             return self.txt2img(request.width, request.height)
-        first = native_size(self.model.baseline, request.width, request.height, request.v_prediction)
-        if first[0] * first[1] >= request.width * request.height:
-            return self.txt2img(request.width, request.height)  # already at or under native size
-        low = self.txt2img(*first)
-        strength = request.hires_fix_denoising_strength or DEFAULT_HIRES_STRENGTH
-        upscaled = [Image.fromarray(img).resize((request.width, request.height), Image.Resampling.LANCZOS)
-                    for img in low]
-        # The second pass runs the requested steps' denoising share, as a hires fix does.
-        return self.img2img(upscaled, strength, max(1, round(request.steps * strength)))
+        first = hires.first_pass_size(baseline, request.width, request.height)
+        low = self.sample(self.pipe, request.steps, width=first[0], height=first[1], output_type="latent").images
+        strength = min(1.0, max(0.01, request.hires_fix_denoising_strength or hires.DEFAULT_STRENGTH))
+        steps = hires.second_pass_steps(baseline, request.width, request.height, strength, request.steps)
+        upscaled = hires.upscale_latents(low, request.width, request.height, self.pipe.vae_scale_factor)
+        return self.call(self.image_pipeline(), steps, strength, rule=hires.SECOND_PASS_SCHEDULE, image=upscaled,
+                         width=request.width, height=request.height)
 
-    def img2img(self, images, strength: float, steps: int) -> list[np.ndarray]:
+    def image_pipeline(self):
         from diffusers import AutoPipelineForImage2Image
 
-        strength = min(1.0, max(0.01, strength))
-        if not isinstance(images, list):
-            images = [images] * len(self.request.seeds)
         pipeline = AutoPipelineForImage2Image.from_pipe(self.pipe)
         pipeline.set_progress_bar_config(disable=True)
-        return self.call(pipeline, img2img_steps(steps, strength), steps, image=images, strength=strength,
-                         width=self.request.width, height=self.request.height)
+        return pipeline
+
+    def img2img(self, image: Image.Image, strength: float, steps: int) -> list[np.ndarray]:
+        strength = min(1.0, max(0.01, strength))
+        images = [image] * len(self.request.seeds)
+        source = images if self.is_flux else self.encode(images)
+        return self.call(self.image_pipeline(), steps, strength, image=source, width=self.request.width,
+                         height=self.request.height)
 
     @property
     def inpainting_model(self) -> bool:
@@ -230,6 +270,5 @@ class Pass:
         count = len(request.seeds)
         pipeline = AutoPipelineForInpainting.from_pipe(self.pipe)
         pipeline.set_progress_bar_config(disable=True)
-        return self.call(pipeline, img2img_steps(request.steps, strength), request.steps,
-                         image=[sources.image] * count, mask_image=[sources.mask] * count, strength=strength,
-                         width=request.width, height=request.height)
+        return self.call(pipeline, request.steps, strength, image=[sources.image] * count,
+                         mask_image=[sources.mask] * count, width=request.width, height=request.height)

@@ -1,7 +1,8 @@
-"""Horde sampler names mapped to diffusers schedulers.
+"""Horde sampler names mapped to the algorithms that run them, as the reference worker maps them.
 
-Each entry is the sampler the name denotes, never a stand-in: a name without a faithful
-implementation here is refused with a clear error instead of being silently replaced.
+Each name runs the sampler the reference runs for it, on the reference's schedule (`schedules.py`):
+`karras` picks Karras' ramp over the model's own sigma range for every sampler. A name without a
+faithful implementation here is refused with a clear error instead of being silently replaced.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from horde_worker.inference.schedules import ModelSigmas, job_schedule
 
 ASSETS = Path(__file__).parent / "assets" / "schedulers"
 
@@ -20,49 +23,53 @@ class UnsupportedSampler(ValueError):
 
 @dataclass(frozen=True)
 class SamplerSpec:
-    """How one horde sampler name is built from diffusers."""
+    """What one horde sampler name runs.
 
-    scheduler_class: str
+    `algorithm` names a sampler of `inference/ksamplers.py`, or is None for a diffusers scheduler
+    (`scheduler_class` with `options`). `karras_changes_image` is False where Karras' ramp has the same
+    end points as the normal schedule and the sampler reads nothing else of it."""
+
+    algorithm: str | None
+    drop_penultimate: bool = False
+    karras_changes_image: bool = True
+    scheduler_class: str = ""
     options: dict[str, Any] = field(default_factory=dict)
-    supports_karras: bool = True
 
 
 SAMPLERS: dict[str, SamplerSpec] = {
-    "k_euler": SamplerSpec("EulerDiscreteScheduler"),
-    "k_euler_a": SamplerSpec("EulerAncestralDiscreteScheduler", supports_karras=False),
-    "k_lms": SamplerSpec("LMSDiscreteScheduler"),
-    "k_heun": SamplerSpec("HeunDiscreteScheduler"),
-    "k_dpm_2": SamplerSpec("KDPM2DiscreteScheduler"),
-    "k_dpm_2_a": SamplerSpec("KDPM2AncestralDiscreteScheduler"),
-    "k_dpmpp_2m": SamplerSpec(
-        "DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}
-    ),
-    "k_dpmpp_sde": SamplerSpec("DPMSolverSDEScheduler"),
-    "k_dpmpp_2s_a": SamplerSpec("GeneratorScheduler", {"sampler": "k_dpmpp_2s_a"}),
-    # Their own schedules: uniform in log sigma (fast) or chosen by the error estimate (adaptive).
-    "k_dpm_fast": SamplerSpec("GeneratorScheduler", {"sampler": "k_dpm_fast"}, supports_karras=False),
-    "k_dpm_adaptive": SamplerSpec("GeneratorScheduler", {"sampler": "k_dpm_adaptive"}, supports_karras=False),
+    "k_euler": SamplerSpec("euler"),
+    "k_euler_a": SamplerSpec("euler_ancestral"),
+    "k_lms": SamplerSpec("lms"),
+    "k_heun": SamplerSpec("heun"),
+    "k_dpm_2": SamplerSpec("dpm_2", drop_penultimate=True),
+    "k_dpm_2_a": SamplerSpec("dpm_2_ancestral", drop_penultimate=True),
+    "k_dpmpp_2m": SamplerSpec("dpmpp_2m"),
+    "k_dpmpp_sde": SamplerSpec("dpmpp_sde"),
+    "k_dpmpp_2s_a": SamplerSpec("dpmpp_2s_ancestral"),
+    # Their own steps between the schedule's first and last positive sigma, which Karras' ramp shares.
+    "k_dpm_fast": SamplerSpec("dpm_fast", karras_changes_image=False),
+    "k_dpm_adaptive": SamplerSpec("dpm_adaptive", karras_changes_image=False),
+    # The reference runs Euler's method for DDIM (the same path, eta 0), re-noising an inpainting job's
+    # kept area from the seed + 1.
+    "DDIM": SamplerSpec("euler"),
+    "lcm": SamplerSpec("lcm"),
     # The Stable Diffusion reference code's DPMSolverSampler: DPM-Solver++ multistep, order 2, with
-    # time-uniform steps (k_dpmpp_2m steps the trained schedule's own timesteps).
-    "dpmsolver": SamplerSpec("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2,
-                                                             "timestep_spacing": "linspace", "lower_order_final": True}),
-    "DDIM": SamplerSpec("DDIMScheduler", supports_karras=False),
-    "lcm": SamplerSpec("LCMScheduler", supports_karras=False),
+    # time-uniform steps. The reference worker has no such sampler (it would run k_euler).
+    "dpmsolver": SamplerSpec(None, scheduler_class="DPMSolverMultistepScheduler",
+                             options={"algorithm_type": "dpmsolver++", "solver_order": 2,
+                                      "timestep_spacing": "linspace", "lower_order_final": True}),
 }
-# Samplers whose evaluation points follow the model's answers: only from pure noise (txt2img).
-TXT2IMG_ONLY = {"k_dpm_fast", "k_dpm_adaptive"}
+# Where the reference re-noises an inpainting job's kept area from other seeds than the start noise's.
+BLEND_SEED_OFFSET = {"DDIM": 1}
 
 
-def sampler_refusal(sampler_name: str, baseline: str, from_image: bool = False) -> str | None:
-    """Why `sampler_name` cannot run on a model of `baseline` (starting from an image: img2img or a hires
-    fix's second pass), or None. Flux samples with its own flow-matching Euler, which is the horde's
-    k_euler and nothing else."""
+def sampler_refusal(sampler_name: str, baseline: str) -> str | None:
+    """Why `sampler_name` cannot run on a model of `baseline`, or None. Flux samples with its own
+    flow-matching Euler, which is the horde's k_euler and nothing else."""
     if baseline == "flux_1":
         return None if sampler_name == "k_euler" else f"Flux models run k_euler only, not {sampler_name!r}"
     if sampler_name not in SAMPLERS:
         return f"sampler {sampler_name!r} is not implemented by this worker"
-    if from_image and sampler_name in TXT2IMG_ONLY:
-        return f"{sampler_name} starts from pure noise only: not for img2img, inpainting or hires fix"
     return None
 
 
@@ -71,27 +78,30 @@ def scheduler_config(baseline: str) -> dict[str, Any]:
     return json.loads((ASSETS / f"{baseline}.json").read_text())
 
 
-def make_scheduler(sampler_name: str, karras: bool, base_config: dict[str, Any], seeds: list[int] | None = None):
-    """Build the diffusers scheduler that implements `sampler_name` (with Karras sigmas if asked).
-
-    `seeds` (one per image) seed samplers that draw their own noise, so each image stays reproducible alone."""
-    import diffusers
-
+def make_scheduler(sampler_name: str, karras: bool, base_config: dict[str, Any], seeds: list[int],
+                   steps: int, denoise: float | None = None, rule: str | None = None):
+    """The scheduler that runs `sampler_name` for `steps` steps, one image per seed: from pure noise, or
+    with `denoise` < 1 from an image (the last `steps` steps of a longer schedule, as the reference).
+    The schedule follows `karras` unless `rule` names another (`schedules.RULES`)."""
     spec = SAMPLERS.get(sampler_name)
     if spec is None:
         raise UnsupportedSampler(sampler_refusal(sampler_name, "stable_diffusion_1"))
     # Private keys such as `_use_default_values` would make diffusers drop the options set below.
     config = {k: v for k, v in base_config.items() if not k.startswith("_")}
-    if spec.scheduler_class == "GeneratorScheduler":
-        from horde_worker.inference import ksamplers
+    if spec.algorithm is None:
+        import diffusers
 
-        cls = ksamplers.GeneratorScheduler
-        config = {k: v for k, v in config.items() if k in ksamplers.CONFIG_KEYS}
-    else:
-        cls = getattr(diffusers, spec.scheduler_class)
-    config.update(spec.options)
-    if karras and spec.supports_karras:
-        config["use_karras_sigmas"] = True
-    if spec.scheduler_class == "DPMSolverSDEScheduler" and seeds:
-        config["noise_sampler_seed"] = [int(s) for s in seeds]  # one Brownian tree per image
-    return cls.from_config(config)
+        config.update(spec.options)
+        if karras:
+            config["use_karras_sigmas"] = True
+        return getattr(diffusers, spec.scheduler_class).from_config(config)
+    from horde_worker.inference.kscheduler import KScheduler
+
+    rule = rule or ("karras" if karras else "normal")
+    sigmas = job_schedule(ModelSigmas.from_config(config), steps, rule, denoise, spec.drop_penultimate)
+    scheduler = KScheduler(**{k: config[k] for k in TRAINING_KEYS if k in config})
+    return scheduler.prepare(spec.algorithm, sigmas, seeds, BLEND_SEED_OFFSET.get(sampler_name, 0))
+
+
+# The keys of a model's scheduler config that describe its training noise schedule.
+TRAINING_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "prediction_type")

@@ -45,7 +45,7 @@ def unsupported_reason(job: Job, catalog: ModelCatalog) -> str | None:
     baseline = catalog.get(job.model).baseline
     if payload.tiling and baseline == "flux_1":
         return "tiling is not available for Flux models"
-    refusal = sampler_refusal(payload.sampler_name, baseline, bool(job.pop.source_image or payload.hires_fix))
+    refusal = sampler_refusal(payload.sampler_name, baseline)
     if refusal is None and payload.control_type:
         refusal = catalog.control.refusal(payload.control_type, baseline, payload.image_is_control)
     if refusal is None and payload.control_type and not job.pop.source_image:
