@@ -108,9 +108,8 @@ PLAIN_SCHEDULERS = {"k_euler": "EulerDiscreteScheduler", "k_euler_a": "EulerAnce
 
 def run_plain_diffusers(checkpoint: Path, device: str, mix: list[dict[str, Any]]) -> dict[str, Any]:
     """The same jobs through a plain diffusers StableDiffusionPipeline call, one after the other."""
-    import torch
-
     import diffusers
+    import torch
 
     from horde_worker.inference.pipelines import load_pipeline
 

@@ -31,6 +31,7 @@ from horde_worker.inference.kscheduler import IMAGE_PIPELINE_STRENGTH, KSchedule
 from horde_worker.inference.messages import GenerateRequest
 from horde_worker.inference.samplers import UnsupportedSampler, make_scheduler, sampler_refusal
 
+
 class UnsupportedJob(ValueError):
     """The job asks for something this model cannot do faithfully."""
 

@@ -29,12 +29,27 @@ def intervals(sigmas: list[float]) -> list[tuple[float, float]]:
     return list(zip(sigmas[:-1], sigmas[1:], strict=True))
 
 
+def f32(value) -> torch.Tensor:
+    """A CPU float32 scalar: the step coefficients below are computed the way the reference computes
+    them (float32 tensor arithmetic), so that ill-conditioned ones round the same way."""
+    return torch.as_tensor(value, dtype=torch.float32)
+
+
+def t_of(sigma) -> torch.Tensor:
+    return f32(sigma).log().neg()
+
+
+def sigma_of(t: torch.Tensor) -> torch.Tensor:
+    return t.neg().exp()
+
+
 def ancestral_split(sigma: float, sigma_next: float) -> tuple[float, float]:
-    """(sigma_down, sigma_up) of a full ancestral step (eta 1): the deterministic part, then fresh noise."""
-    if sigma_next == 0:
-        return 0.0, 0.0
-    up = min(sigma_next, math.sqrt(sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2))
-    return math.sqrt(sigma_next**2 - up**2), up
+    """(sigma_down, sigma_up) of a full ancestral step (eta 1): the deterministic part, then fresh noise.
+
+    With few steps sigma_down is a small difference of squares: its float32 rounding shows in the image."""
+    s, n = f32(sigma), f32(sigma_next)
+    up = min(n, (n**2 * (s**2 - n**2) / s**2) ** 0.5)
+    return float((n**2 - up**2) ** 0.5), float(up)
 
 
 def slope(x: torch.Tensor, sigma: float, denoised: torch.Tensor) -> torch.Tensor:
@@ -55,10 +70,10 @@ def euler_ancestral(x: torch.Tensor, sigmas: list[float], noise: Noise) -> Sampl
     for sigma, sigma_next in intervals(sigmas):
         denoised = yield x, sigma
         down, up = ancestral_split(sigma, sigma_next)
-        if down == 0:
+        if down == 0:  # the last step: no noise after it
             x = denoised
-        else:
-            x = x + slope(x, sigma, denoised) * (down - sigma) + noise(sigma, sigma_next) * up
+            continue
+        x = x + slope(x, sigma, denoised) * (down - sigma) + noise(sigma, sigma_next) * up
     return x
 
 
@@ -163,11 +178,12 @@ def dpmpp_2s_ancestral(x: torch.Tensor, sigmas: list[float], noise: Noise) -> Sa
         if down == 0:
             x = x + slope(x, sigma, denoised) * (down - sigma)
         else:
-            h = math.log(sigma / down)
-            mid = math.exp(-(-math.log(sigma) + h / 2))
-            x_2 = (mid / sigma) * x - math.expm1(-h / 2) * denoised
-            denoised_2 = yield x_2, mid
-            x = (down / sigma) * x - math.expm1(-h) * denoised_2
+            t, t_next = t_of(sigma), t_of(down)
+            h = t_next - t
+            s = t + h * 0.5
+            x_2 = float(sigma_of(s) / sigma_of(t)) * x - float((-h * 0.5).expm1()) * denoised
+            denoised_2 = yield x_2, float(sigma_of(s))
+            x = float(sigma_of(t_next) / sigma_of(t)) * x - float((-h).expm1()) * denoised_2
         if sigma_next > 0:
             x = x + noise(sigma, sigma_next) * up
     return x
@@ -175,20 +191,25 @@ def dpmpp_2s_ancestral(x: torch.Tensor, sigmas: list[float], noise: Noise) -> Sa
 
 def dpmpp_sde(x: torch.Tensor, sigmas: list[float], noise: Noise) -> Sampler:
     """DPM-Solver++ (stochastic, r = 1/2): two ancestral half-steps in log sigma driven by Brownian noise;
-    the last step, to 0, is Euler's."""
+    the last step, to 0, is Euler's. The Brownian path is rough: it is queried at exactly the reference's
+    float32 times."""
     for sigma, sigma_next in intervals(sigmas):
         denoised = yield x, sigma
         if sigma_next == 0:
             x = x + slope(x, sigma, denoised) * (sigma_next - sigma)
             continue
-        mid = math.sqrt(sigma * sigma_next)
-        down, up = ancestral_split(sigma, mid)
-        x_2 = (down / sigma) * x - math.expm1(math.log(down / sigma)) * denoised
-        x_2 = x_2 + noise(sigma, mid) * up
-        denoised_2 = yield x_2, mid
-        down, up = ancestral_split(sigma, sigma_next)
-        x = (down / sigma) * x - math.expm1(math.log(down / sigma)) * denoised_2
-        x = x + noise(sigma, sigma_next) * up
+        t, t_next = t_of(sigma), t_of(sigma_next)
+        s = t + (t_next - t) * 0.5
+        at_t, at_s, at_next = float(sigma_of(t)), float(sigma_of(s)), float(sigma_of(t_next))
+        down, up = ancestral_split(at_t, at_s)
+        s_ = t_of(down)
+        x_2 = float(sigma_of(s_) / sigma_of(t)) * x - float((t - s_).expm1()) * denoised
+        x_2 = x_2 + noise(at_t, at_s) * up
+        denoised_2 = yield x_2, at_s
+        down, up = ancestral_split(at_t, at_next)
+        t_next_ = t_of(down)
+        x = float(sigma_of(t_next_) / sigma_of(t)) * x - float((t - t_next_).expm1()) * denoised_2
+        x = x + noise(at_t, at_next) * up
     return x
 
 

@@ -21,17 +21,20 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
+import torch
 
 KARRAS_RHO = 7.0
 
 
 @dataclass(frozen=True)
 class ModelSigmas:
-    """The trained noise levels of a model (float32, as the model was trained), lowest first."""
+    """The trained noise levels of a model, lowest first.
 
-    sigmas: np.ndarray
-    log_sigmas: np.ndarray
+    Kept and interpolated in float32 on the CPU, as the reference does: the schedules below come out
+    bit for bit the reference's, which matters where a sampler subtracts nearly equal squares of them."""
+
+    sigmas: torch.Tensor
+    log_sigmas: torch.Tensor
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> ModelSigmas:
@@ -40,14 +43,14 @@ class ModelSigmas:
         start, end = float(config.get("beta_start", 0.00085)), float(config.get("beta_end", 0.012))
         schedule = config.get("beta_schedule", "scaled_linear")
         if schedule == "scaled_linear":
-            betas = np.linspace(start**0.5, end**0.5, count, dtype=np.float64) ** 2
+            betas = torch.linspace(start**0.5, end**0.5, count, dtype=torch.float64) ** 2
         elif schedule == "linear":
-            betas = np.linspace(start, end, count, dtype=np.float64)
+            betas = torch.linspace(start, end, count, dtype=torch.float64)
         else:
             raise ValueError(f"beta_schedule {schedule!r} is not a schedule this worker samples")
-        alphas_cumprod = np.cumprod(1.0 - betas)
-        sigmas = np.sqrt((1 - alphas_cumprod) / alphas_cumprod).astype(np.float32)
-        return cls(sigmas=sigmas, log_sigmas=np.log(sigmas))
+        alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
+        sigmas = ((1 - alphas_cumprod) / alphas_cumprod) ** 0.5
+        return cls(sigmas=sigmas.float(), log_sigmas=sigmas.log().float())
 
     @property
     def sigma_min(self) -> float:
@@ -57,29 +60,29 @@ class ModelSigmas:
     def sigma_max(self) -> float:
         return float(self.sigmas[-1])
 
-    def sigma(self, timestep: float) -> float:
-        """The noise level at a (possibly fractional) timestep: log sigma interpolated linearly."""
-        t = min(max(float(timestep), 0.0), len(self.sigmas) - 1.0)
-        low, high = math.floor(t), math.ceil(t)
-        weight = t - low
-        return math.exp((1 - weight) * float(self.log_sigmas[low]) + weight * float(self.log_sigmas[high]))
+    def sigma(self, timestep: torch.Tensor) -> torch.Tensor:
+        """The noise level at (possibly fractional) timesteps: log sigma interpolated linearly."""
+        t = timestep.float().clamp(0, len(self.sigmas) - 1)
+        low, high = t.floor().long(), t.ceil().long()
+        weight = t.frac()
+        return ((1 - weight) * self.log_sigmas[low] + weight * self.log_sigmas[high]).exp()
 
     def timestep(self, sigma: float) -> int:
         """The trained timestep nearest `sigma` in log sigma: what the model is told it is denoising."""
-        return int(np.abs(math.log(sigma) - self.log_sigmas.astype(np.float64)).argmin())
+        return int((torch.tensor(sigma, dtype=torch.float32).log() - self.log_sigmas).abs().argmin())
 
 
 def normal_sigmas(model: ModelSigmas, steps: int) -> list[float]:
     """`steps` trained sigmas at evenly spaced timesteps from the highest to the lowest, then 0."""
     first, last = model.timestep(model.sigma_max), model.timestep(model.sigma_min)
-    timesteps = np.linspace(first, last, steps, dtype=np.float32)
-    return [model.sigma(float(t)) for t in timesteps] + [0.0]
+    timesteps = torch.linspace(first, last, steps)
+    return [float(model.sigma(t)) for t in timesteps] + [0.0]
 
 
 def karras_sigmas(sigma_min: float, sigma_max: float, steps: int, rho: float = KARRAS_RHO) -> list[float]:
     """Karras et al. (2022), eq. 5: `steps` sigmas evenly spaced in sigma^(1/rho), then 0."""
     low, high = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
-    ramp = np.linspace(0, 1, steps, dtype=np.float64)
+    ramp = torch.linspace(0, 1, steps)
     return [float(s) for s in (high + ramp * (low - high)) ** rho] + [0.0]
 
 
