@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -101,14 +103,38 @@ def test_flux_transformer_layout_round_trips_exactly():
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def dev_sigmas(steps: int) -> list[float]:
+    """The reference's normal schedule for Flux.1 dev: timesteps spaced evenly between its 10000-level table's
+    ends (both already shifted), each shifted once more by mu = 1.15."""
+    def shift(t):
+        return math.exp(1.15) / (math.exp(1.15) + (1 / t - 1))
+
+    return [shift(float(t)) for t in np.linspace(1.0, shift(1e-4), steps)]
+
+
+REFERENCE_FLUX_SIGMAS = {"dev": dev_sigmas, "schnell": lambda steps: list(np.linspace(1.0, 0.001, steps))}
+
+
+def test_flux_schedules_are_the_references():
+    from horde_worker.inference.flux import flow_sigmas
+
+    assert np.allclose(flow_sigmas(4, True), [1.0, 0.86338, 0.61249, 0.00100], atol=2e-5)
+    assert np.allclose(flow_sigmas(4, False), [1.0, 0.667, 0.334, 0.001], atol=1e-3)
+    for steps in (1, 2, 20, 50):
+        assert np.allclose(flow_sigmas(steps, True), dev_sigmas(steps), rtol=1e-5)
+        assert np.allclose(flow_sigmas(steps, False), REFERENCE_FLUX_SIGMAS["schnell"](steps), rtol=1e-5)
+
+
 @pytest.mark.parametrize("variant", ["schnell", "dev"])
 def test_flux_all_in_one_generates_offline(flux_checkpoints, variant):
     from horde_worker.inference.samplers import UnsupportedSampler
 
     model = load_pipeline(flux_checkpoints[variant], torch.device("cpu"), torch.float32)
     assert model.baseline == "flux_1" and type(model.pipeline).__name__ == "FluxPipeline"
-    assert model.pipeline.scheduler.config.use_dynamic_shifting == (variant == "dev")
     first, second = txt2img(model, request(seeds=[5, 6], width=128, height=192, prompt="a red fox"))
+    # The reference's Flux schedule, whatever the image size: dev shifted by a fixed mu, schnell not.
+    expected = REFERENCE_FLUX_SIGMAS[variant](request().steps)
+    assert np.allclose(model.pipeline.scheduler.sigmas.numpy(), expected + [0.0], rtol=1e-5, atol=1e-7)
     assert first.shape == (192, 128, 3) and np.abs(first.astype(int) - second.astype(int)).mean() > 5
     again = txt2img(model, request(seeds=[5], width=128, height=192, prompt="a red fox"))[0]
     assert np.abs(again.astype(int) - first.astype(int)).max() <= 2

@@ -79,12 +79,15 @@ def test_hires_fix_stops_in_its_second_pass(loaded, model, monkeypatch):
     from horde_worker.inference import generate
     from horde_worker.inference.runner import JobCancelled
 
-    monkeypatch.setattr(generate, "native_size", lambda *args: (64, 64))  # a first pass at 64 for a 128 job
-    request = job(model, "j", width=128, height=128, steps=3, hires_fix=True)
+    from horde_worker.inference import hires
+
+    monkeypatch.setattr(hires, "applies", lambda *args: True)
+    monkeypatch.setattr(hires, "first_pass_size", lambda *args: (64, 64))  # a first pass at 64 for a 128 job
+    request = job(model, "j", width=128, height=128, steps=8, hires_fix=True)
     totals: list[int] = []
     generate.run_job(loaded, request, lambda step, total: totals.append(total))
-    first_pass = totals.count(3)
-    assert first_pass == 3 and len(totals) > first_pass  # two passes
+    first_pass = totals.count(8)
+    assert first_pass == 8 and totals[first_pass:] == [6] * 6  # two passes, the second of 6 steps
     on_step, calls = stop_at(first_pass + 1)
     with pytest.raises(JobCancelled):
         generate.run_job(loaded, request, on_step)

@@ -12,7 +12,8 @@ import torch
 from PIL import Image
 
 from horde_worker.inference.conditioning import encode_prompts, parse_weighted, plain_text
-from horde_worker.inference.generate import generate_images, img2img_steps, native_size, run_job
+from horde_worker.inference import hires
+from horde_worker.inference.generate import generate_images, img2img_steps, run_job
 from horde_worker.inference.messages import GenerateRequest
 from horde_worker.inference.pipelines import load_pipeline
 from horde_worker.inference.tiny import write_tiny_checkpoint
@@ -155,12 +156,20 @@ def _grow(mask: np.ndarray, pixels: int) -> np.ndarray:
 # --- sizes and passes ----------------------------------------------------------------------------
 
 
-def test_native_sizes_for_hires_fix():
-    assert native_size("stable_diffusion_1", 1024, 768) == (704, 512)
-    assert native_size("stable_diffusion_1", 768, 1536) == (512, 1024)
-    assert native_size("stable_diffusion_2", 1536, 1536, v_prediction=True) == (768, 768)
-    assert native_size("stable_diffusion_xl", 2048, 1536) == (1152, 896)
-    assert native_size("stable_diffusion_xl", 1024, 2048) == (768, 1344)
+def test_hires_fix_sizes_and_steps_are_the_references():
+    assert hires.first_pass_size("stable_diffusion_1", 1024, 768) == (640, 512)
+    assert hires.first_pass_size("stable_diffusion_1", 768, 1536) == (512, 1024)
+    assert hires.first_pass_size("stable_diffusion_xl", 2048, 1536) == (1152, 896)
+    assert hires.first_pass_size("stable_diffusion_xl", 1024, 2048) == (768, 1344)
+    # Small jobs and Flux jobs are made in one pass.
+    assert not hires.applies("stable_diffusion_1", 512, 1024) and hires.applies("stable_diffusion_1", 576, 640)
+    assert not hires.applies("stable_diffusion_xl", 1024, 2048) and not hires.applies("flux_1", 2048, 2048)
+    # 30 steps at 0.65 for 1024x1024 SD: round(3 + 27 * 0.65^2) = 14, times 2^(4/3) / 2.25 -> 16.
+    assert hires.second_pass_steps("stable_diffusion_1", 1024, 1024, 0.65, 30) == 16
+    # 10 steps at 0.5 for 768x768: 5, times 2^0.75 / 2.25 -> 4, plus 3 for a short job -> 7.
+    assert hires.second_pass_steps("stable_diffusion_1", 768, 768, 0.5, 10) == 7
+    assert hires.second_pass_steps("stable_diffusion_1", 640, 576, 0.5, 2) == 2  # never more than asked
+    assert hires.second_pass_steps("stable_diffusion_xl", 1536, 1536, 0.1, 40) == 6  # never under 6
 
 
 def test_hires_fix_makes_the_requested_size_in_two_passes(model):
@@ -168,10 +177,17 @@ def test_hires_fix_makes_the_requested_size_in_two_passes(model):
     job = request(width=640, height=576, steps=2, hires_fix=True, hires_fix_denoising_strength=0.5)
     image = run_job(model, job, on_step=lambda s, t: steps.append((s, t))).images[0]
     assert image.shape == (576, 640, 3)
-    assert steps == [(1, 2), (2, 2), (1, 1)]  # 2 steps at 576x512, then half of them at full size
+    assert steps == [(1, 2), (2, 2), (1, 2), (2, 2)]  # 2 steps at 512x512, then 2 at full size
     plain = generate_images(model, request(width=640, height=576, steps=2))[0]
     assert diff(image, plain) > 1
     assert np.array_equal(generate_images(model, job)[0], image)
+
+
+def test_hires_fix_upscales_the_first_pass_latents_nearest_exact():
+    latents = torch.arange(4, dtype=torch.float32).reshape(1, 1, 2, 2)
+    upscaled = hires.upscale_latents(latents, 32, 24)
+    assert upscaled.shape == (1, 1, 3, 4)
+    assert upscaled[0, 0].tolist() == [[0, 0, 1, 1], [2, 2, 3, 3], [2, 2, 3, 3]]
 
 
 def seam_ratio(image: np.ndarray) -> float:

@@ -1,5 +1,5 @@
-"""All fourteen horde samplers: each its own algorithm, karras where it applies, reproducible seeds, and
-the samplers written here checked against exact solutions."""
+"""All fourteen horde samplers: each the reference's algorithm, karras wherever it changes the schedule,
+reproducible seeds, and the DPM-Solver samplers checked against exact solutions."""
 
 from __future__ import annotations
 
@@ -11,10 +11,11 @@ import pytest
 import torch
 
 from horde_worker.inference.generate import generate_images
-from horde_worker.inference.ksamplers import dpm_adaptive, dpm_fast, dpmpp_2s_ancestral
+from horde_worker.inference.dpm_solver import dpm_adaptive, dpm_fast
+from horde_worker.inference.ksamplers import dpmpp_2s_ancestral
 from horde_worker.inference.messages import GenerateRequest
 from horde_worker.inference.pipelines import load_pipeline
-from horde_worker.inference.samplers import SAMPLERS, UnsupportedSampler, sampler_refusal
+from horde_worker.inference.samplers import SAMPLERS
 from tests.conftest import job_request
 
 HORDE_SAMPLERS = ("k_lms k_heun k_euler k_euler_a k_dpm_2 k_dpm_2_a k_dpm_fast k_dpm_adaptive k_dpmpp_2s_a "
@@ -34,12 +35,13 @@ def test_every_horde_sampler_has_its_own_implementation(model):
     assert set(SAMPLERS) == set(HORDE_SAMPLERS)
     images = {name: generate_images(model, request(sampler_name=name))[0].astype(int) for name in HORDE_SAMPLERS}
     same = [(a, b) for a, b in combinations(HORDE_SAMPLERS, 2) if np.abs(images[a] - images[b]).mean() < 0.05]
-    # DDIM (eta 0) is Euler's method on the same timesteps, written in other variables: equal up to rounding.
+    # The reference runs Euler's method for DDIM.
     assert same == [("k_euler", "DDIM")]
     for name in HORDE_SAMPLERS:
         karras = generate_images(model, request(sampler_name=name, karras=True))[0].astype(int)
         changed = np.abs(karras - images[name]).mean() > 0.05
-        assert changed == SAMPLERS[name].supports_karras, name
+        # DPM-Solver-fast and adaptive read only the schedule's ends, which Karras' ramp shares.
+        assert changed == SAMPLERS[name].karras_changes_image, name
 
 
 @pytest.mark.parametrize("sampler", ["k_dpmpp_2s_a", "k_dpm_fast", "k_dpm_adaptive", "dpmsolver"])
@@ -50,20 +52,20 @@ def test_new_samplers_reproduce_each_seed_alone(model, sampler):
     assert np.abs(alone.astype(int) - batch[1].astype(int)).max() <= 1
 
 
-def test_ancestral_2s_works_for_img2img_and_pure_noise_samplers_refuse_it(model):
+@pytest.mark.parametrize("sampler", ["k_dpmpp_2s_a", "k_dpm_fast", "k_dpm_adaptive"])
+def test_samplers_of_their_own_steps_also_start_from_an_image(model, sampler):
     import io
 
     from PIL import Image
 
     buffer = io.BytesIO()
     Image.new("RGB", (64, 64), (200, 40, 40)).save(buffer, format="PNG")
-    image = generate_images(model, request(sampler_name="k_dpmpp_2s_a", source_image=buffer.getvalue(),
-                                           denoising_strength=0.5))[0]
-    assert image.shape == (64, 64, 3)
-    for name in ("k_dpm_fast", "k_dpm_adaptive"):
-        assert "pure noise" in sampler_refusal(name, "stable_diffusion_1", from_image=True)
-        with pytest.raises(UnsupportedSampler):
-            generate_images(model, request(sampler_name=name, source_image=buffer.getvalue()))
+    source = buffer.getvalue()
+    low = generate_images(model, request(sampler_name=sampler, source_image=source, denoising_strength=0.3))[0]
+    high = generate_images(model, request(sampler_name=sampler, source_image=source, denoising_strength=0.9))[0]
+    red = np.array([200, 40, 40])
+    # The weaker the denoising, the more of the source survives.
+    assert np.abs(low.astype(int) - red).mean() < np.abs(high.astype(int) - red).mean()
 
 
 # --- the algorithms against exact answers --------------------------------------------------------
@@ -119,7 +121,7 @@ def test_dpmpp_2s_ancestral_samples_the_data_distribution():
     generator = torch.Generator().manual_seed(0)
     sigmas = [float(s) for s in np.exp(np.linspace(math.log(SIGMA_MAX), math.log(SIGMA_MIN), 30))] + [0.0]
     start = torch.randn(20000, generator=generator, dtype=torch.float64) * SIGMA_MAX
-    noise = lambda: torch.randn(20000, generator=generator, dtype=torch.float64)  # noqa: E731
+    noise = lambda _sigma, _next: torch.randn(20000, generator=generator, dtype=torch.float64)  # noqa: E731
     result, used = drive(dpmpp_2s_ancestral(start, sigmas, noise), gaussian_denoiser)
     assert used == 2 * 30 - 1
     assert abs(float(result.std()) - SPREAD) < 0.03 and abs(float(result.mean())) < 0.03

@@ -93,10 +93,10 @@ def plain_diffusers(pipe, job: str, files: dict[str, Any], size: int, steps: int
     if job == "txt2img":
         pipe(width=size, height=size, **common)
     elif job == "hires_fix":
-        from horde_worker.inference.generate import native_size
+        from horde_worker.inference.hires import first_pass_size
 
         side = hires_size(baseline)
-        first = native_size(baseline, side, side)
+        first = first_pass_size(baseline, side, side)
         low = pipe(width=first[0], height=first[1], output_type="pil", **common).images[0]
         AutoPipelineForImage2Image.from_pipe(pipe)(image=low.resize((side, side)), strength=0.5, **common)
     elif job == "lora":

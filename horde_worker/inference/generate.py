@@ -162,7 +162,7 @@ class Pass:
         `rule` overrides the job's schedule (see `schedules.RULES`). Returns the pipeline's output."""
         request = self.request
         from_image = denoise is not None
-        scheduler = None
+        scheduler, own_scheduler = None, pipeline.scheduler
         if not self.is_flux:
             scheduler = make_scheduler(request.sampler_name, request.karras, self.model.scheduler_config,
                                        request.seeds, steps, denoise, rule)
@@ -193,8 +193,11 @@ class Pass:
             return tensors
 
         kwargs.setdefault("output_type", "np")
-        return pipeline(num_inference_steps=pipeline_steps, generator=self.generators(),
-                        callback_on_step_end=step_end, **self.conditioning(), **kwargs)
+        try:
+            return pipeline(num_inference_steps=pipeline_steps, generator=self.generators(),
+                            callback_on_step_end=step_end, **self.conditioning(), **kwargs)
+        finally:
+            pipeline.scheduler = own_scheduler  # the model's pipeline keeps no state of this job
 
     def call(self, pipeline, steps: int, denoise: float | None = None, **kwargs) -> list[np.ndarray]:
         """`sample`, as 8-bit RGB images."""
