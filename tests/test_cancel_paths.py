@@ -76,10 +76,8 @@ def test_every_sampling_path_stops_at_the_step_the_cancel_is_seen(loaded, model,
 
 
 def test_hires_fix_stops_in_its_second_pass(loaded, model, monkeypatch):
-    from horde_worker.inference import generate
+    from horde_worker.inference import generate, hires
     from horde_worker.inference.runner import JobCancelled
-
-    from horde_worker.inference import hires
 
     monkeypatch.setattr(hires, "applies", lambda *args: True)
     monkeypatch.setattr(hires, "first_pass_size", lambda *args: (64, 64))  # a first pass at 64 for a 128 job

@@ -11,8 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from horde_worker.inference.conditioning import encode_prompts, parse_weighted, plain_text
 from horde_worker.inference import hires
+from horde_worker.inference.conditioning import encode_prompts, parse_weighted, plain_text
 from horde_worker.inference.generate import generate_images, img2img_steps, run_job
 from horde_worker.inference.messages import GenerateRequest
 from horde_worker.inference.pipelines import load_pipeline

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from horde_worker.inference.generate import generate_images
 from horde_worker.inference.dpm_solver import dpm_adaptive, dpm_fast
+from horde_worker.inference.generate import generate_images
 from horde_worker.inference.ksamplers import dpmpp_2s_ancestral
 from horde_worker.inference.messages import GenerateRequest
 from horde_worker.inference.pipelines import load_pipeline
