@@ -1,5 +1,7 @@
 """Horde sampler names mapped to the algorithms that run them, as the reference worker maps them.
 
+The supervisor reads this module to refuse unknown names, so it imports no torch at module level.
+
 Each name runs the sampler the reference runs for it, on the reference's schedule (`schedules.py`):
 `karras` picks Karras' ramp over the model's own sigma range for every sampler. A name without a
 faithful implementation here is refused with a clear error instead of being silently replaced.
@@ -11,8 +13,6 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-from horde_worker.inference.schedules import ModelSigmas, job_schedule
 
 ASSETS = Path(__file__).parent / "assets" / "schedulers"
 
@@ -96,6 +96,7 @@ def make_scheduler(sampler_name: str, karras: bool, base_config: dict[str, Any],
             config["use_karras_sigmas"] = True
         return getattr(diffusers, spec.scheduler_class).from_config(config)
     from horde_worker.inference.kscheduler import KScheduler
+    from horde_worker.inference.schedules import ModelSigmas, job_schedule
 
     rule = rule or ("karras" if karras else "normal")
     sigmas = job_schedule(ModelSigmas.from_config(config), steps, rule, denoise, spec.drop_penultimate)
