@@ -198,3 +198,48 @@ def test_ddim_renoises_an_inpainting_jobs_kept_area_from_the_next_seed():
     assert torch.equal(euler.blend_noise(like), euler.start_noise(like))
     assert torch.equal(ddim.blend_noise(like), noise.start_noise([6], like.shape))
     assert torch.equal(ddim.start_noise(like), euler.start_noise(like))
+
+
+@pytest.fixture(scope="module")
+def xl_model(tmp_path_factory):
+    from horde_worker.inference.tiny import write_tiny_checkpoint
+
+    path = write_tiny_checkpoint(tmp_path_factory.mktemp("xl") / "tiny-xl.safetensors", "stable_diffusion_xl")
+    return load_pipeline(path, torch.device("cpu"), torch.float32, name="tiny-xl")
+
+
+@pytest.mark.parametrize("sampler,karras,denoise", [("k_euler", False, None), ("k_dpmpp_2m", True, None),
+                                                    ("k_euler_a", True, 0.5), ("k_dpm_2", False, 0.5)])
+def test_sdxl_follows_the_reference_too(xl_model, sampler, karras, denoise):
+    """SDXL's UNet also reads the pooled text embedding and the size conditioning; the sampling is the same."""
+    request = job_request(width=64, height=64, steps=4, sampler_name=sampler, karras=karras, seeds=[2],
+                          cfg_scale=5.0, baseline="stable_diffusion_xl")
+    pass_ = Pass(xl_model, request, ["a cat"], ["blurry"], None)
+    unet = xl_model.pipeline.unet
+    with torch.no_grad():
+        if denoise is None:
+            ours = pass_.sample(pass_.pipe, 4, width=64, height=64, output_type="latent").images
+            latent = torch.zeros_like(ours)
+        else:
+            latent = pass_.encode([Image.open(io.BytesIO(source_png())).convert("RGB")])
+            ours = pass_.sample(pass_.image_pipeline(), 4, denoise, image=latent, width=64, height=64,
+                                output_type="latent").images
+        c = pass_.conditioning()
+        time_ids = torch.tensor([[64.0, 64.0, 0.0, 0.0, 64.0, 64.0]])
+        discrete = ref.Discrete()
+
+        def denoiser(x, sigma):
+            sigma = torch.as_tensor(sigma, dtype=torch.float32)
+            x_in, t = x / (sigma**2 + 1) ** 0.5, discrete.timestep(sigma.reshape(1)).float()
+            outputs = [unet(x_in, t, encoder_hidden_states=embeds,
+                            added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
+                       for embeds, pooled in ((c["negative_prompt_embeds"], c["negative_pooled_prompt_embeds"]),
+                                              (c["prompt_embeds"], c["pooled_prompt_embeds"]))]
+            uncond, cond = (x - out * sigma for out in outputs)
+            return uncond + (cond - uncond) * 5.0
+
+        algorithm = ref.HORDE_NAMES[sampler]
+        sigmas = ref.sampler_sigmas(discrete, algorithm, "karras" if karras else "normal", 4, denoise or 1.0)
+        start = torch.randn(latent.shape, generator=torch.manual_seed(2), device="cpu")
+        theirs = ref.run(algorithm, denoiser, ref.start_latent(discrete, sigmas, start, latent), sigmas, 2)
+    assert relative(ours, theirs) <= 1e-4

@@ -125,3 +125,15 @@ def test_dpmpp_2s_ancestral_samples_the_data_distribution():
     result, used = drive(dpmpp_2s_ancestral(start, sigmas, noise), gaussian_denoiser)
     assert used == 2 * 30 - 1
     assert abs(float(result.std()) - SPREAD) < 0.03 and abs(float(result.mean())) < 0.03
+
+
+def test_sampler_benchmark_runs_on_cpu(capsys):
+    """The GPU benchmark of the sampling path against plain diffusers also runs (tiny model) here."""
+    import json
+
+    from horde_worker.bench.samplers import main
+
+    assert main(["--samplers", "k_euler,k_dpmpp_sde", "--steps", "2", "--size", "64", "--count", "1"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert [row["sampler"] for row in rows] == ["k_euler", "k_dpmpp_sde"]
+    assert all(row["worker_s"] > 0 and row["plain_s"] > 0 and row["ratio"] > 0 for row in rows)
