@@ -145,6 +145,26 @@ def test_flux_all_in_one_generates_offline(flux_checkpoints, variant):
         txt2img(model, request(sampler_name="k_euler_a", width=128, height=128))
 
 
+def test_flux_img2img_runs_the_last_steps_of_the_longer_reference_schedule(flux_checkpoints):
+    import io
+
+    from PIL import Image
+
+    from horde_worker.inference.flux import flow_sigmas
+    from horde_worker.inference.generate import run_job
+
+    model = load_pipeline(flux_checkpoints["dev"], torch.device("cpu"), torch.float32)
+    buffer = io.BytesIO()
+    Image.new("RGB", (128, 128), (30, 160, 90)).save(buffer, format="PNG")
+    steps: list[int] = []
+    run_job(model, request(seeds=[5], width=128, height=128, steps=4, source_image=buffer.getvalue(),
+                           denoising_strength=0.5), lambda step, total: steps.append(step))
+    scheduler = model.pipeline.scheduler
+    assert steps == [1, 2, 3, 4]
+    assert np.allclose(scheduler.sigmas.numpy(), flow_sigmas(8, True) + [0.0], rtol=1e-5, atol=1e-7)
+    assert scheduler.begin_index == 4  # int(4 / 0.5) = 8 steps made, the last 4 run
+
+
 def test_flux_fp8_weights_stay_fp8_and_widen_per_layer(flux_checkpoints):
     from horde_worker.inference.flux import move_keeping_fp8
 
