@@ -124,7 +124,7 @@ class KScheduler(SchedulerMixin, ConfigMixin):
         else:
             denoised = x - output * sigma
         if self._sampler is None:
-            self._sampler = ksamplers.ALGORITHMS[self.algorithm](x, self.run_sigmas, self._noise_source(x))
+            self._sampler = self.sampler_from(x)
             next(self._sampler)
         self._index += 1
         try:
@@ -169,6 +169,10 @@ class KScheduler(SchedulerMixin, ConfigMixin):
         if self._sampler is None or sample is self._returned:
             return self._x
         return sample.float()
+
+    def sampler_from(self, x: torch.Tensor) -> ksamplers.Sampler:
+        """This run's sampler, not yet started, from the float32 latent `x` (its first point)."""
+        return ksamplers.ALGORITHMS[self.algorithm](x, self.run_sigmas, self._noise_source(x))
 
     def _noise_source(self, x: torch.Tensor) -> noise.NoiseSource:
         if self.algorithm == "dpmpp_sde":

@@ -53,7 +53,10 @@ def brownian_noise(seeds: Sequence[int], like: torch.Tensor, sigma_min: float, s
         lower, upper = sorted((float(sigma), float(sigma_next)))
         sign = 1.0 if sigma < sigma_next else -1.0
         a, b = torch.tensor(lower), torch.tensor(upper)
-        increments = torch.cat([tree(a, b) for tree in trees]) * sign
-        return (increments / abs(upper - lower) ** 0.5).to(like.device)
+        increments = torch.cat([tree(a, b) for tree in trees]) * sign / abs(upper - lower) ** 0.5
+        if like.device.type == "cuda":
+            # From pinned memory the copy queues behind the running step instead of waiting for it.
+            return increments.pin_memory().to(like.device, non_blocking=True)
+        return increments.to(like.device)
 
     return draw

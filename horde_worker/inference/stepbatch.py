@@ -1,0 +1,146 @@
+"""Step-level batching: the samplers of several jobs advanced together, one denoiser forward per step.
+
+Each job's sampler (`inference/ksamplers.py`) is a generator that asks for the denoiser at one point
+(x, sigma) at a time, so jobs at different sigmas, with different samplers, steps, guidance scales
+and prompts can share a forward pass:
+
+    step()   gather every running job's pending point
+             group them by what can be concatenated (latent shape, conditioning shape)
+             per group: one UNet call over [all uncond | all cond] samples, each with its own timestep
+             per job: denoised = x - sigma * guided eps (or from v), sent to its sampler, which answers
+             its next point, or its final latent
+
+Jobs join (`add`) and leave (`remove`, or by finishing) between steps. A job's images depend only on
+its own inputs: the same job run alone gives the same latent up to the rounding of a larger matmul.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from horde_worker.inference import ksamplers
+from horde_worker.inference.schedules import ModelSigmas
+
+# (model input, one timestep per sample, conditioning tensors per sample by name) -> the model's output
+Denoiser = Callable[[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]], torch.Tensor]
+
+
+@dataclass
+class BatchedJob:
+    """One job's sampling: its sampler (not yet started, holding its start latent) and its conditioning
+    (`encoder_hidden_states`, and for SDXL `text_embeds` and `time_ids`), one row per image."""
+
+    sampler: ksamplers.Sampler
+    cond: dict[str, torch.Tensor]
+    uncond: dict[str, torch.Tensor]
+    guidance: float
+    model_sigmas: ModelSigmas
+    v_prediction: bool = False
+    point: tuple[torch.Tensor, float] | None = field(default=None, init=False)
+    evaluations: int = field(default=0, init=False)
+
+    @classmethod
+    def txt2img(cls, pass_, steps: int, width: int, height: int) -> BatchedJob:
+        """A txt2img job of an SD1, SD2 or SDXL model, from its `generate.Pass` (conditioning, sampler, seeds)."""
+        from horde_worker.inference.samplers import make_scheduler
+
+        request, pipe = pass_.request, pass_.pipe
+        count = len(request.seeds)
+        scheduler = make_scheduler(request.sampler_name, request.karras, pass_.model.scheduler_config,
+                                   request.seeds, steps)
+        shape = (count, pipe.unet.config.in_channels, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
+        start = scheduler.start_noise(torch.empty(shape, device=pipe.unet.device)) * scheduler.init_noise_sigma
+        c = pass_.conditioning()
+        cond, uncond = {"encoder_hidden_states": c["prompt_embeds"]}, {"encoder_hidden_states": c["negative_prompt_embeds"]}
+        if "pooled_prompt_embeds" in c:
+            # SDXL's size conditioning: original size, crop corner, target size.
+            time_ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=c["prompt_embeds"].dtype,
+                                    device=c["prompt_embeds"].device).repeat(count, 1)
+            cond.update(text_embeds=c["pooled_prompt_embeds"], time_ids=time_ids)
+            uncond.update(text_embeds=c["negative_pooled_prompt_embeds"], time_ids=time_ids)
+        return cls(scheduler.sampler_from(start), cond, uncond, request.cfg_scale, scheduler.model_sigmas,
+                   scheduler.config.prediction_type == "v_prediction")
+
+
+class StepBatch:
+    """The running jobs of one model, advanced one denoiser evaluation per `step`."""
+
+    def __init__(self, denoiser: Denoiser) -> None:
+        self.denoiser = denoiser
+        self.running: dict[str, BatchedJob] = {}
+
+    def add(self, job_id: str, job: BatchedJob) -> None:
+        """Join at the next step."""
+        job.point = next(job.sampler)
+        self.running[job_id] = job
+
+    def remove(self, job_id: str) -> None:
+        """Leave now (a faulted or aborted job); the others are untouched."""
+        self.running.pop(job_id, None)
+
+    def step(self) -> dict[str, torch.Tensor]:
+        """One denoiser evaluation for every running job; returns the final latents of jobs that finished."""
+        groups: dict[tuple, list[str]] = {}
+        for job_id, job in self.running.items():
+            x, _sigma = job.point
+            key = (tuple(x.shape[1:]), tuple((name, tuple(t.shape[1:])) for name, t in sorted(job.cond.items())))
+            groups.setdefault(key, []).append(job_id)
+        finished: dict[str, torch.Tensor] = {}
+        for job_ids in groups.values():
+            for job_id, denoised in zip(job_ids, self._denoise([self.running[j] for j in job_ids]), strict=True):
+                job = self.running[job_id]
+                job.evaluations += 1
+                try:
+                    job.point = job.sampler.send(denoised)
+                except StopIteration as done:
+                    finished[job_id] = done.value
+                    del self.running[job_id]
+        return finished
+
+    def _denoise(self, jobs: list[BatchedJob]) -> list[torch.Tensor]:
+        inputs, timesteps = [], []
+        for job in jobs:
+            x, sigma = job.point
+            inputs.append(x / math.sqrt(sigma**2 + 1))
+            timesteps.append(torch.full((x.shape[0],), float(job.model_sigmas.timestep(sigma))))
+        model_input = torch.cat(inputs + inputs)
+        t = torch.cat(timesteps + timesteps).to(model_input.device)
+        conditioning = {name: torch.cat([job.uncond[name] for job in jobs] + [job.cond[name] for job in jobs])
+                        for name in jobs[0].cond}
+        output = self.denoiser(model_input, t, conditioning).float()
+        half = model_input.shape[0] // 2
+        out_uncond, out_cond = output[:half], output[half:]
+        results, start = [], 0
+        for job in jobs:
+            x, sigma = job.point
+            count = x.shape[0]
+            u, c = out_uncond[start:start + count], out_cond[start:start + count]
+            start += count
+            guided = u + job.guidance * (c - u)
+            if job.v_prediction:
+                results.append(x / (sigma**2 + 1) - guided * (sigma / math.sqrt(sigma**2 + 1)))
+            else:
+                results.append(x - guided * sigma)
+        return results
+
+    def run(self) -> dict[str, torch.Tensor]:
+        """Step until every running job has finished."""
+        done: dict[str, torch.Tensor] = {}
+        while self.running:
+            done.update(self.step())
+        return done
+
+
+def unet_denoiser(unet) -> Denoiser:
+    """A diffusers UNet2DConditionModel as a `Denoiser` (in its own precision)."""
+
+    def denoise(model_input: torch.Tensor, timesteps: torch.Tensor, conditioning: dict[str, torch.Tensor]):
+        tensors = {name: value.to(unet.dtype) for name, value in conditioning.items()}
+        added = {name: tensors.pop(name) for name in ("text_embeds", "time_ids") if name in tensors}
+        return unet(model_input.to(unet.dtype), timesteps, added_cond_kwargs=added or None, **tensors).sample
+
+    return denoise
