@@ -173,7 +173,9 @@ def test_v_prediction_models_follow_the_reference_too(v_model, sampler):
     assert relative(ours, theirs) <= 1e-4
 
 
-@pytest.mark.parametrize("sampler", K_SAMPLERS)
+# The samplers that draw noise as they go, and one that does not.
+@pytest.mark.parametrize("sampler", ["k_euler", "k_euler_a", "k_dpm_2_a", "k_dpmpp_2s_a", "k_dpmpp_sde", "lcm",
+                                     "k_dpm_adaptive"])
 def test_each_seed_of_a_batch_is_its_own_image(model, sampler):
     def latents(seeds: list[int]) -> torch.Tensor:
         request = job_request(width=64, height=64, steps=5, sampler_name=sampler, seeds=seeds)
