@@ -168,22 +168,22 @@ class Pass:
                                        request.seeds, steps, denoise, rule)
             pipeline.scheduler = scheduler
             kwargs.setdefault("guidance_scale", request.cfg_scale)
+        progress = lambda evaluations: min(evaluations, steps)  # noqa: E731
         if isinstance(scheduler, KScheduler):
             pipeline_steps, progress = scheduler.pipeline_steps(from_image), scheduler.steps_done
             if from_image:
                 kwargs["strength"] = IMAGE_PIPELINE_STRENGTH
             else:
                 kwargs["latents"] = self.start_latents(pipeline, scheduler, kwargs["width"], kwargs["height"])
+        elif self.is_flux:
+            pipeline_steps, extra = flux.schedule(pipeline, steps, denoise, request.seeds, kwargs["width"],
+                                                  kwargs["height"])
+            kwargs.update(extra)
         else:
-            # Schedulers of diffusers' own (Flux's, dpmsolver) cut their schedule by strength themselves.
+            # dpmsolver: a diffusers scheduler, which cuts its schedule by strength itself.
             pipeline_steps = img2img_steps(steps, denoise) if from_image else steps
-            progress = lambda evaluations: min(evaluations, steps)  # noqa: E731
             if from_image:
                 kwargs["strength"] = denoise
-            if self.is_flux:
-                pipeline_steps, extra = flux.schedule(pipeline, steps, denoise, request.seeds, kwargs["width"],
-                                                      kwargs["height"])
-                kwargs.update(extra)
 
         def step_end(pipe, step: int, _timestep, tensors: dict) -> dict:
             if getattr(pipe.scheduler, "finished", False):

@@ -52,6 +52,13 @@ def ancestral_split(sigma: float, sigma_next: float) -> tuple[float, float]:
     return float((n**2 - up**2) ** 0.5), float(up)
 
 
+def denoised_from(x: torch.Tensor, output: torch.Tensor, sigma: float, v_prediction: bool) -> torch.Tensor:
+    """The model's denoised prediction at `x` (the unscaled latent) from its output: eps, or v."""
+    if v_prediction:
+        return x / (sigma**2 + 1) - output * (sigma / math.sqrt(sigma**2 + 1))
+    return x - output * sigma
+
+
 def slope(x: torch.Tensor, sigma: float, denoised: torch.Tensor) -> torch.Tensor:
     """dx/dsigma of the probability-flow ODE."""
     return (x - denoised) / sigma
@@ -96,18 +103,23 @@ def log_midpoint(a: float, b: float) -> float:
     return math.exp(math.log(a) + (math.log(b) - math.log(a)) * 0.5)
 
 
+def dpm_2_step(x: torch.Tensor, sigma: float, d: torch.Tensor, target: float):
+    """A DPM-Solver-2 step from sigma to `target` (> 0): the slope at their log-midpoint carries it."""
+    mid = log_midpoint(sigma, target)
+    x_2 = x + d * (mid - sigma)
+    denoised_2 = yield x_2, mid
+    return x + slope(x_2, mid, denoised_2) * (target - sigma)
+
+
 def dpm_2(x: torch.Tensor, sigmas: list[float], noise: Noise) -> Sampler:
-    """DPM-Solver-2 (Karras et al. 2022's variant): the slope at the log-midpoint carries the whole step."""
+    """DPM-Solver-2 (Karras et al. 2022's variant); the last step, to 0, is Euler's."""
     for sigma, sigma_next in intervals(sigmas):
         denoised = yield x, sigma
         d = slope(x, sigma, denoised)
         if sigma_next == 0:
             x = x + d * (sigma_next - sigma)
         else:
-            mid = log_midpoint(sigma, sigma_next)
-            x_2 = x + d * (mid - sigma)
-            denoised_2 = yield x_2, mid
-            x = x + slope(x_2, mid, denoised_2) * (sigma_next - sigma)
+            x = yield from dpm_2_step(x, sigma, d, sigma_next)
     return x
 
 
@@ -120,10 +132,7 @@ def dpm_2_ancestral(x: torch.Tensor, sigmas: list[float], noise: Noise) -> Sampl
         if down == 0:
             x = x + d * (down - sigma)
         else:
-            mid = log_midpoint(sigma, down)
-            x_2 = x + d * (mid - sigma)
-            denoised_2 = yield x_2, mid
-            x = x + slope(x_2, mid, denoised_2) * (down - sigma)
+            x = yield from dpm_2_step(x, sigma, d, down)
             x = x + noise(sigma, sigma_next) * up
     return x
 

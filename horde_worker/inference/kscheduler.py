@@ -118,11 +118,8 @@ class KScheduler(SchedulerMixin, ConfigMixin):
             return SchedulerOutput(prev_sample=sample) if return_dict else (sample,)
         x = self._current_x(sample)
         sigma = self._sigma()
-        output = model_output.float()
-        if self.config.prediction_type == "v_prediction":
-            denoised = x / (sigma**2 + 1) - output * (sigma / math.sqrt(sigma**2 + 1))
-        else:
-            denoised = x - output * sigma
+        denoised = ksamplers.denoised_from(x, model_output.float(), sigma,
+                                           self.config.prediction_type == "v_prediction")
         if self._sampler is None:
             self._sampler = self.sampler_from(x)
             next(self._sampler)

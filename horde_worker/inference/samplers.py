@@ -96,11 +96,11 @@ def make_scheduler(sampler_name: str, karras: bool, base_config: dict[str, Any],
             config["use_karras_sigmas"] = True
         return getattr(diffusers, spec.scheduler_class).from_config(config)
     from horde_worker.inference.kscheduler import KScheduler
-    from horde_worker.inference.schedules import ModelSigmas, job_schedule
+    from horde_worker.inference.schedules import job_schedule
 
-    rule = rule or ("karras" if karras else "normal")
-    sigmas = job_schedule(ModelSigmas.from_config(config), steps, rule, denoise, spec.drop_penultimate)
     scheduler = KScheduler(**{k: config[k] for k in TRAINING_KEYS if k in config})
+    rule = rule or ("karras" if karras else "normal")
+    sigmas = job_schedule(scheduler.model_sigmas, steps, rule, denoise, spec.drop_penultimate)
     return scheduler.prepare(spec.algorithm, sigmas, seeds, BLEND_SEED_OFFSET.get(sampler_name, 0))
 
 

@@ -120,11 +120,7 @@ class StepBatch:
             count = x.shape[0]
             u, c = out_uncond[start:start + count], out_cond[start:start + count]
             start += count
-            guided = u + job.guidance * (c - u)
-            if job.v_prediction:
-                results.append(x / (sigma**2 + 1) - guided * (sigma / math.sqrt(sigma**2 + 1)))
-            else:
-                results.append(x - guided * sigma)
+            results.append(ksamplers.denoised_from(x, u + job.guidance * (c - u), sigma, job.v_prediction))
         return results
 
     def run(self) -> dict[str, torch.Tensor]:
