@@ -120,13 +120,22 @@ class tiled:  # noqa: N801 - a context manager read as a phrase: `with tiled(pip
             conv.padding_mode = "zeros"
 
 
+def own_pipeline(pipe):
+    """A pipeline object of the job's own over the model's modules: a call keeps its state (scheduler,
+    guidance, interrupt flag) on the pipeline object, and jobs run step by step beside each other must
+    not share it."""
+    own = type(pipe).from_pipe(pipe)
+    own.set_progress_bar_config(disable=True)
+    return own
+
+
 class Pass:
     """Calls into the diffusers pipelines of one job, sharing its conditioning and seeds."""
 
     def __init__(self, model, request: GenerateRequest, prompts: list[str], negatives: list[str],
                  on_step: Callable[[int, int], None] | None) -> None:
         self.model, self.request, self.on_step = model, request, on_step
-        self.pipe = model.pipeline
+        self.pipe = own_pipeline(model.pipeline)
         self.is_flux = model.baseline == "flux_1"
         self.prompts, self.negatives = prompts, negatives
         self._conditioning: dict[str, Any] | None = None

@@ -22,6 +22,8 @@ class SlotSpec:
     ram_budget: int | None = None
     vram_to_leave_free: str = "20%"
     slots_on_device: int = 1
+    # How many jobs the process's engine runs at once (max_threads): batched together where they can be.
+    max_jobs: int = 1
     # post_process_job_overlap: post-process a job on a side thread while the next job samples.
     post_process_overlap: bool = False
 
@@ -66,6 +68,8 @@ class GenerateRequest:
     facefixer_strength: float | None = None
     # Paths of inpainting/annotator weights and other extras by name.
     extra: dict[str, Any] = field(default_factory=dict)
+    # When the job's time runs out (epoch seconds), so that the engine starts it before that; None: unknown.
+    deadline: float | None = None
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,6 @@ Torch is imported here, inside the process, never in the supervisor.
 from __future__ import annotations
 
 import os
-import queue
 import threading
 import time
 from collections.abc import Callable
@@ -128,13 +127,14 @@ class ModelRunner:
             error = f"{type(exc).__name__}: {exc}"
         return Preloaded(message.model_name, seconds, self.residency.names(), error)
 
-    def generate(self, request: GenerateRequest, send,
-                 stopped: Callable[[], str | None] = lambda: None) -> GenerateResult | None:
+    def generate(self, request: GenerateRequest, send, stopped: Callable[[], str | None] = lambda: None,
+                 pause: Callable[[], None] | None = None) -> GenerateResult | None:
         """Run one job and return its images; with overlap and post-processing to do, send SamplingDone,
         hand the rest to the post-processing thread (which sends the result) and return None.
 
         `stopped()` gives the reason once the job was cancelled: JobCancelled is then raised before
-        sampling starts, at the next step boundary, or before post-processing."""
+        sampling starts, at the next step boundary, or before post-processing. `pause()`, when given, is
+        called after each step (the engine lets other jobs step there)."""
         import torch
 
         from horde_worker.inference.generate import run_job
@@ -147,6 +147,8 @@ class ModelRunner:
         def on_step(step: int, total: int) -> None:
             stop_if_cancelled()
             send(Progress(request.job_id, step, total))
+            if pause is not None:
+                pause()
 
         with self.residency.using(request.model_name, request.model_path, request.v_prediction) as held:
             loaded, source, load_seconds = held
@@ -164,9 +166,18 @@ class ModelRunner:
             load_source=source,
             resident_bytes=self.residency.ram_bytes(),
         )
+        return self.deliver(request, result, send, stopped)
+
+    def deliver(self, request: GenerateRequest, result: GenerateResult, send,
+                stopped: Callable[[], str | None] = lambda: None) -> GenerateResult | None:
+        """The sampled job's result, post-processed; with overlap, SamplingDone is sent now, the post-processing
+        thread sends the result, and None is returned."""
         if not request.post_processing:
             return result
-        stop_if_cancelled()  # stopped during the last step or the decode: spare the post-processing too
+        reason = stopped()
+        if reason is not None:
+            # Stopped during the last step or the decode: spare the post-processing too.
+            raise JobCancelled(request.job_id, reason)
         if not self.overlap:
             return self.post_process(request, result)
         # One job post-processes beside the sampling one at most: wait here (GPU slot still held) until
@@ -241,9 +252,11 @@ def slot_main(conn, spec: SlotSpec) -> None:
             logger.warning("slot {}: the supervisor's pipe is broken; exiting", spec.slot)
             exit_soon(EOF_GRACE)
 
-    jobs: queue.Queue = queue.Queue()
     cancels = Cancellations()
     loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="preload")
+    from horde_worker.inference.engine import Engine
+
+    engine = Engine(runner, send, cancels.reason, cancels.forget, max_jobs=spec.max_jobs)
 
     def read() -> None:
         # Reading in its own thread lets a preload start, and a cancel arrive, while a job samples.
@@ -265,36 +278,17 @@ def slot_main(conn, spec: SlotSpec) -> None:
                 continue
             if isinstance(message, GenerateRequest):
                 cancels.admit(message.job_id)
-            jobs.put(message)
-            if isinstance(message, Shutdown):
+                engine.submit(message)
+            elif isinstance(message, Shutdown):
+                engine.submit(message)
                 return
+            else:
+                logger.warning("unknown message {!r}", message)
 
     threading.Thread(target=read, name="slot-reader", daemon=True).start()
     send(SlotReady(spec.slot, os.getpid(), runner.device_name()))
     logger.info("slot {} ready on {}", spec.slot, runner.device_name())
-    while True:
-        message = jobs.get()
-        if isinstance(message, Shutdown):
-            break
-        if not isinstance(message, GenerateRequest):
-            logger.warning("unknown message {!r}", message)
-            continue
-        job_id = message.job_id
-        try:
-            reason = cancels.reason(job_id)
-            if reason is not None:
-                raise JobCancelled(job_id, reason)  # still queued when the cancel came: never started
-            result = runner.generate(message, send, lambda j=job_id: cancels.reason(j))
-            if result is not None:
-                send(result)
-        except JobCancelled as stop:
-            logger.info("job {} stopped: {}", job_id, stop.reason)
-            send(GenerateFailed(job_id, f"stopped: {stop.reason}", runner.residency.names()))
-        except Exception as exc:
-            logger.exception("job {} failed", job_id)
-            send(GenerateFailed(job_id, f"{type(exc).__name__}: {exc}", runner.residency.names()))
-        finally:
-            cancels.forget(job_id)
+    engine.run()  # until a Shutdown, with every job in hand answered
     loader.shutdown(wait=False, cancel_futures=True)
     runner.close()
     logger.info("slot {} exits", spec.slot)

@@ -40,8 +40,31 @@ class BatchedJob:
     guidance: float
     model_sigmas: ModelSigmas
     v_prediction: bool = False
+    steps: int = 0
+    # Sampler steps done after n denoiser evaluations (for progress reports).
+    steps_done: Callable[[int], int] = field(default=lambda evaluations: evaluations)
     point: tuple[torch.Tensor, float] | None = field(default=None, init=False)
     evaluations: int = field(default=0, init=False)
+
+    def group_key(self) -> tuple:
+        """Jobs with equal keys can share a forward: same latent shape, same conditioning shapes."""
+        x, _sigma = self.point
+        return (tuple(x.shape[1:]), tuple((name, tuple(t.shape[1:])) for name, t in sorted(self.cond.items())))
+
+    def rows(self) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """(model input, timesteps, conditioning, shared inputs) of this job's rows: its images without and
+        with the prompt (the classifier-free guidance pair)."""
+        x, sigma = self.point
+        scaled = x / math.sqrt(sigma**2 + 1)
+        t = torch.full((2 * x.shape[0],), float(self.model_sigmas.timestep(sigma)), device=x.device)
+        conditioning = {name: torch.cat([self.uncond[name], self.cond[name]]) for name in self.cond}
+        return torch.cat([scaled, scaled]), t, conditioning, {}
+
+    def answer(self, output: torch.Tensor) -> torch.Tensor:
+        """What the sampler is sent for this job's rows of the model output: the guided denoised latent."""
+        x, sigma = self.point
+        u, c = output.float().chunk(2)
+        return ksamplers.denoised_from(x, u + self.guidance * (c - u), sigma, self.v_prediction)
 
     @classmethod
     def txt2img(cls, pass_, steps: int, width: int, height: int) -> BatchedJob:
@@ -63,7 +86,7 @@ class BatchedJob:
             cond.update(text_embeds=c["pooled_prompt_embeds"], time_ids=time_ids)
             uncond.update(text_embeds=c["negative_pooled_prompt_embeds"], time_ids=time_ids)
         return cls(scheduler.sampler_from(start), cond, uncond, request.cfg_scale, scheduler.model_sigmas,
-                   scheduler.config.prediction_type == "v_prediction")
+                   scheduler.config.prediction_type == "v_prediction", steps, scheduler.steps_done)
 
 
 class StepBatch:
@@ -82,46 +105,44 @@ class StepBatch:
         """Leave now (a faulted or aborted job); the others are untouched."""
         self.running.pop(job_id, None)
 
-    def step(self) -> dict[str, torch.Tensor]:
-        """One denoiser evaluation for every running job; returns the final latents of jobs that finished."""
+    def groups(self) -> dict[tuple, list[str]]:
+        """The running jobs by group key."""
         groups: dict[tuple, list[str]] = {}
         for job_id, job in self.running.items():
-            x, _sigma = job.point
-            key = (tuple(x.shape[1:]), tuple((name, tuple(t.shape[1:])) for name, t in sorted(job.cond.items())))
-            groups.setdefault(key, []).append(job_id)
+            groups.setdefault(job.group_key(), []).append(job_id)
+        return groups
+
+    def step(self, only: list[str] | None = None) -> dict[str, torch.Tensor]:
+        """One denoiser evaluation for every running job (or for the jobs `only` names, which must share a
+        group); returns the final latents of jobs that finished."""
+        chosen = self.groups().values() if only is None else [[j for j in only if j in self.running]]
         finished: dict[str, torch.Tensor] = {}
-        for job_ids in groups.values():
-            for job_id, denoised in zip(job_ids, self._denoise([self.running[j] for j in job_ids]), strict=True):
+        for job_ids in chosen:
+            if not job_ids:
+                continue
+            for job_id, answer in zip(job_ids, self._evaluate([self.running[j] for j in job_ids]), strict=True):
                 job = self.running[job_id]
                 job.evaluations += 1
                 try:
-                    job.point = job.sampler.send(denoised)
+                    job.point = job.sampler.send(answer)
                 except StopIteration as done:
                     finished[job_id] = done.value
                     del self.running[job_id]
         return finished
 
-    def _denoise(self, jobs: list[BatchedJob]) -> list[torch.Tensor]:
-        inputs, timesteps = [], []
-        for job in jobs:
-            x, sigma = job.point
-            inputs.append(x / math.sqrt(sigma**2 + 1))
-            timesteps.append(torch.full((x.shape[0],), float(job.model_sigmas.timestep(sigma))))
-        model_input = torch.cat(inputs + inputs)
-        t = torch.cat(timesteps + timesteps).to(model_input.device)
-        conditioning = {name: torch.cat([job.uncond[name] for job in jobs] + [job.cond[name] for job in jobs])
-                        for name in jobs[0].cond}
-        output = self.denoiser(model_input, t, conditioning).float()
-        half = model_input.shape[0] // 2
-        out_uncond, out_cond = output[:half], output[half:]
-        results, start = [], 0
-        for job in jobs:
-            x, sigma = job.point
-            count = x.shape[0]
-            u, c = out_uncond[start:start + count], out_cond[start:start + count]
+    def _evaluate(self, jobs: list[BatchedJob]) -> list[torch.Tensor]:
+        rows = [job.rows() for job in jobs]
+        model_input = torch.cat([r[0] for r in rows])
+        t = torch.cat([r[1] for r in rows]).to(model_input.device)
+        conditioning = {name: torch.cat([r[2][name] for r in rows]) for name in rows[0][2]}
+        conditioning.update(rows[0][3])  # inputs every row shares (same for the whole group)
+        output = self.denoiser(model_input, t, conditioning)
+        answers, start = [], 0
+        for job, r in zip(jobs, rows, strict=True):
+            count = r[0].shape[0]
+            answers.append(job.answer(output[start:start + count]))
             start += count
-            results.append(ksamplers.denoised_from(x, u + job.guidance * (c - u), sigma, job.v_prediction))
-        return results
+        return answers
 
     def run(self) -> dict[str, torch.Tensor]:
         """Step until every running job has finished."""

@@ -98,6 +98,7 @@ def generate_request(job: Job, catalog: ModelCatalog) -> GenerateRequest:
                "face_dir": str(catalog.postprocess.face_dir or "")},
         post_processing=catalog.postprocess.steps(payload.post_processing),
         facefixer_strength=payload.facefixer_strength,
+        deadline=job.deadline,
     )
 
 
