@@ -55,23 +55,18 @@ def detect_devices(choice: str) -> list[str]:
 
 
 def slot_specs(devices: list[str], settings: BridgeData, log_dir: Path) -> list[SlotSpec]:
-    """max_threads slots per device, sharing the RAM budget (total RAM less ram_to_leave_free)."""
+    """One inference process per device, its engine running up to max_threads jobs at once; the devices share
+    the RAM budget (total RAM less ram_to_leave_free)."""
     import psutil
 
     from horde_worker.config.bridge_data import parse_amount
 
-    per_device = settings.max_threads
     total_ram = psutil.virtual_memory().total
     ram_budget = max(0, total_ram - parse_amount(settings.ram_to_leave_free, total_ram))
-    slots = per_device * len(devices)
-    specs, index = [], 0
-    for device in devices:
-        for _ in range(per_device):
-            specs.append(SlotSpec(slot=index, device=device, log_dir=str(log_dir), ram_budget=ram_budget // slots,
-                                  post_process_overlap=settings.post_process_job_overlap,
-                                  vram_to_leave_free=settings.vram_to_leave_free, slots_on_device=per_device))
-            index += 1
-    return specs
+    return [SlotSpec(slot=index, device=device, log_dir=str(log_dir), ram_budget=ram_budget // len(devices),
+                     post_process_overlap=settings.post_process_job_overlap,
+                     vram_to_leave_free=settings.vram_to_leave_free, max_jobs=settings.max_threads)
+            for index, device in enumerate(devices)]
 
 
 def _console_sink():

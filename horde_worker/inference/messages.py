@@ -18,10 +18,9 @@ class SlotSpec:
     device: str  # "cuda:0", "cpu", "directml:0", ...
     log_dir: str
     # Bytes of RAM this process may keep models in (None: no limit), and how much of the GPU's
-    # memory to leave free ("80%" or MB), shared among `slots_on_device` processes.
+    # memory to leave free ("80%" or MB).
     ram_budget: int | None = None
     vram_to_leave_free: str = "20%"
-    slots_on_device: int = 1
     # How many jobs the process's engine runs at once (max_threads): batched together where they can be.
     max_jobs: int = 1
     # post_process_job_overlap: post-process a job on a side thread while the next job samples.

@@ -105,7 +105,7 @@ class ModelRunner:
         device_budget = None
         if self.device.type == "cuda":
             total = torch.cuda.get_device_properties(self.device).total_memory
-            device_budget = max(0, total - parse_amount(spec.vram_to_leave_free, total)) // max(1, spec.slots_on_device)
+            device_budget = max(0, total - parse_amount(spec.vram_to_leave_free, total))
         self.residency = Residency(self.device, self.dtype, spec.ram_budget, device_budget)
         self.postprocessors = None
         self.overlap = spec.post_process_overlap

@@ -250,10 +250,10 @@ class Supervisor:
     def pop_request(self) -> PopRequest:
         """What this worker asks the horde for; it claims only what it can do faithfully."""
         s = self.settings
-        working = self.pool.working() if self.pool is not None else self.slot_specs
+        specs = [slot.spec for slot in self.pool.working()] if self.pool is not None else self.slot_specs
         return PopRequest(
             name=s.dreamer_name, models=self.catalog.names(), bridge_agent=BRIDGE_AGENT,
-            threads=max(1, len(working)), amount=s.max_batch, max_pixels=s.max_pixels, nsfw=s.nsfw,
+            threads=max(1, sum(spec.max_jobs for spec in specs)), amount=s.max_batch, max_pixels=s.max_pixels, nsfw=s.nsfw,
             blacklist=s.blacklist, priority_usernames=s.priority_usernames,
             allow_img2img=s.allow_img2img, allow_painting=s.allow_painting, allow_unsafe_ipaddr=s.allow_unsafe_ip,
             allow_post_processing=s.allow_post_processing and self.catalog.postprocess.offered,
@@ -272,8 +272,8 @@ class Supervisor:
             return False
         waiting = sum(1 for j in self.jobs.values()
                       if j.state in (JobState.POPPED, JobState.INPUTS_READY, JobState.QUEUED, JobState.GENERATED))
-        free_slots = sum(1 for slot in working if slot.job_id is None)
-        return waiting < self.settings.queue_size + free_slots
+        free_room = sum(slot.free_room for slot in working)
+        return waiting < self.settings.queue_size + free_room
 
     async def sleep_unless_stopping(self, seconds: float) -> None:
         """Sleep, waking early when the worker starts stopping."""
@@ -330,31 +330,39 @@ class Supervisor:
         self._dispatch()
 
     def _dispatch(self) -> None:
-        for slot in self.pool.slots:
-            if not slot.idle or not len(self.scheduler):
-                continue
-            job = self.scheduler.pick(slot.resident)
-            if job is None:
-                continue
-            if not self.catalog.has(job.model):
-                self.fault(job, f"model {job.model!r} is no longer served")
-                continue
-            try:
-                request = jobspec.generate_request(job, self.catalog)
-            except Exception as exc:
-                self.fault(job, f"{type(exc).__name__}: {exc}")
-                continue
-            job.attempts += 1
-            job.slot = slot.spec.slot
-            slot.job_id = job.id
-            job.advance(JobState.RUNNING)
-            if not self.pool.send(slot, request):
-                slot.job_id = None
-                job.attempts -= 1
-                self.scheduler.add(job, front=True)
-                continue
-            self.stats.job_started()
-            self._preload_next(slot)
+        # One job per slot in turn, so that the jobs in hand spread over the devices.
+        while len(self.scheduler):
+            ready = [slot for slot in self.pool.slots if slot.has_room]
+            if not ready:
+                return
+            for slot in ready:
+                if len(self.scheduler) and slot.has_room:
+                    self._dispatch_one(slot)
+
+    def _dispatch_one(self, slot: Slot) -> None:
+        """Send the job that suits this slot best (see `Scheduler.pick`)."""
+        job = self.scheduler.pick(slot.resident)
+        if job is None:
+            return
+        if not self.catalog.has(job.model):
+            self.fault(job, f"model {job.model!r} is no longer served")
+            return
+        try:
+            request = jobspec.generate_request(job, self.catalog)
+        except Exception as exc:
+            self.fault(job, f"{type(exc).__name__}: {exc}")
+            return
+        job.attempts += 1
+        job.slot = slot.spec.slot
+        slot.job_ids.add(job.id)
+        job.advance(JobState.RUNNING)
+        if not self.pool.send(slot, request):
+            slot.release(job.id)
+            job.attempts -= 1
+            self.scheduler.add(job, front=True)
+            return
+        self.stats.job_started()
+        self._preload_next(slot)
 
     def _preload_next(self, slot: Slot) -> None:
         """While this slot samples, have it read the next waiting job's model from disk."""
@@ -367,7 +375,7 @@ class Supervisor:
 
     def slot_of(self, job: Job) -> Slot | None:
         """The slot sampling `job`, if any."""
-        return next((slot for slot in self.pool.slots if slot.job_id == job.id), None)
+        return next((slot for slot in self.pool.slots if job.id in slot.job_ids), None)
 
     # --- results -----------------------------------------------------------------------------
 

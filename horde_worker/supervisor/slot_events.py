@@ -66,8 +66,7 @@ class SlotEvents:
                 if job.first_step is None and message.step >= 1:
                     job.first_step = (job.last_progress_at, message.step)
         elif isinstance(message, SamplingDone):
-            if slot.job_id == message.job_id:
-                slot.job_id, slot.stop_asked_at = None, None
+            slot.release(message.job_id)
             slot.resident = list(message.resident_models)
             job = self.sup.jobs.get(message.job_id)
             if job is not None and job.state is JobState.RUNNING:
@@ -78,8 +77,7 @@ class SlotEvents:
             self._on_job_done(slot, message)
 
     def _on_job_done(self, slot: Slot, message: GenerateResult | GenerateFailed) -> None:
-        if slot.job_id == message.job_id:
-            slot.job_id, slot.stop_asked_at = None, None
+        slot.release(message.job_id)
         slot.failures_in_row = 0  # the process answers jobs: whatever killed it before is behind it
         slot.resident = list(message.resident_models)
         job = self.sup.jobs.get(message.job_id)

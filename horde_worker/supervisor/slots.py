@@ -36,7 +36,7 @@ class Slot:
     ready: bool = False
     pid: int | None = None
     device_name: str = ""
-    job_id: str | None = None  # the job sampling on it
+    job_ids: set[str] = field(default_factory=set)  # the jobs its engine holds (up to spec.max_jobs)
     resident: list[str] = field(default_factory=list)
     preloading: set[str] = field(default_factory=set)
     restarts: int = 0
@@ -44,12 +44,22 @@ class Slot:
     failures_in_row: int = 0  # deaths since the last job this slot answered
     restart_at: float | None = None  # monotonic time of a pending (backed-off) restart
     unusable: str | None = None  # why the slot was given up, once it has been
-    stop_asked_at: float | None = None  # when the supervisor asked it to stop its job (CancelJob)
+    stops: dict[str, float] = field(default_factory=dict)  # job id -> when the supervisor asked for its stop
     killed_on_purpose: bool = False  # the supervisor killed it (a stop not answered): not a crash
 
     @property
-    def idle(self) -> bool:
-        return self.ready and self.job_id is None and self.unusable is None
+    def has_room(self) -> bool:
+        """Ready, and holding fewer jobs than its engine may run at once."""
+        return self.ready and self.unusable is None and len(self.job_ids) < self.spec.max_jobs
+
+    @property
+    def free_room(self) -> int:
+        return max(0, self.spec.max_jobs - len(self.job_ids)) if self.usable else 0
+
+    def release(self, job_id: str) -> None:
+        """The process answered (or gave back) this job."""
+        self.job_ids.discard(job_id)
+        self.stops.pop(job_id, None)
 
     @property
     def usable(self) -> bool:
@@ -87,8 +97,8 @@ class SlotPool:
             process.start()
         child.close()  # so that the parent's end reads EOF when the process dies
         slot.generation += 1
-        slot.process, slot.conn, slot.ready, slot.job_id, slot.resident = process, parent, False, None, []
-        slot.preloading, slot.restart_at, slot.stop_asked_at, slot.killed_on_purpose = set(), None, None, False
+        slot.process, slot.conn, slot.ready, slot.job_ids, slot.resident = process, parent, False, set(), []
+        slot.preloading, slot.restart_at, slot.stops, slot.killed_on_purpose = set(), None, {}, False
         reader = threading.Thread(target=self._read, args=(slot, parent, slot.generation),
                                   name=f"slot-{slot.spec.slot}-reader", daemon=True)
         reader.start()
@@ -134,7 +144,7 @@ class SlotPool:
 
     def record_death(self, slot: Slot, counts: bool = True) -> float | None:
         """Note a death and plan the restart: the delay in seconds, or None when the slot is now unusable."""
-        slot.ready, slot.job_id = False, None
+        slot.ready, slot.job_ids, slot.stops = False, set(), {}
         if counts:
             slot.failures_in_row += 1
         if slot.failures_in_row >= MAX_FAILURES_IN_ROW:

@@ -98,16 +98,16 @@ class TimeKeeper:
         sup = self.sup
         slot = sup.slot_of(job)
         logger.warning("job {}: stopping it: {}", job.id, why)
-        if slot is not None and slot.stop_asked_at is None:
-            slot.stop_asked_at = time.time()
+        if slot is not None and job.id not in slot.stops:
+            slot.stops[job.id] = time.time()
             sup.pool.send(slot, CancelJob(job.id, why))
         sup.fault(job, f"stopped: {why}")
 
     def _check_stop_answered(self, slot: Slot, now: float) -> None:
-        if slot.stop_asked_at is None or slot.job_id is None:
-            return
-        if now - slot.stop_asked_at > self.stop_grace and slot.process is not None and slot.process.is_alive():
+        late = [job_id for job_id, asked in slot.stops.items()
+                if job_id in slot.job_ids and now - asked > self.stop_grace]
+        if late and slot.process is not None and slot.process.is_alive():
             logger.error("inference slot {} did not stop job {} within {:.0f}s; killing its process",
-                         slot.spec.slot, slot.job_id, self.stop_grace)
+                         slot.spec.slot, late[0], self.stop_grace)
             slot.killed_on_purpose = True
             self.sup.pool.kill(slot)
