@@ -100,3 +100,41 @@ def test_sdxl_jobs_batch_with_their_pooled_and_size_conditioning(tmp_path):
         results = batch.run()
     for name, latent in results.items():
         assert relative(latent, expected[name]) <= 1e-4, name
+
+
+def test_flux_jobs_batch_with_their_own_timesteps_and_guidance(tmp_path):
+    from horde_worker.inference import flux_batch
+    from horde_worker.inference.tiny import write_tiny_flux_checkpoint
+
+    dev = load_pipeline(write_tiny_flux_checkpoint(tmp_path / "dev.safetensors", seed=1, guidance=True, fp8=False),
+                        torch.device("cpu"), torch.float32, name="tiny-dev")
+    jobs = {"a": dict(steps=4, cfg_scale=3.5, prompt="a cat", seeds=[1]),
+            "b": dict(steps=3, cfg_scale=2.0, prompt="a dog in the snow", seeds=[2, 5]),
+            "c": dict(steps=5, cfg_scale=1.0, prompt="a tree", seeds=[3]),
+            "wide": dict(steps=2, cfg_scale=3.5, prompt="a field", seeds=[4], width=96)}
+    forwards: list[int] = []
+    transformer = flux_batch.transformer_denoiser(dev.pipeline)
+
+    def counting(hidden_states, timesteps, conditioning):
+        forwards.append(hidden_states.shape[0])
+        return transformer(hidden_states, timesteps, conditioning)
+
+    batch = StepBatch(counting)
+    results, expected = {}, {}
+    with torch.no_grad():
+        for name, fields in jobs.items():
+            request = job_request(**{"width": 64, "height": 64, "baseline": "flux_1", "sampler_name": "k_euler",
+                                     **fields})
+            count = len(request.seeds)
+            pass_ = Pass(dev, request, [request.prompt] * count, [request.negative_prompt] * count, None)
+            batch.add(name, flux_batch.txt2img(pass_, request.steps, request.width, request.height))
+            if name == "a":
+                results.update(batch.step())  # the others join a step later
+            expected[name] = pass_.sample(pass_.pipe, request.steps, width=request.width, height=request.height,
+                                          output_type="latent").images
+        results.update(batch.run())
+    assert set(results) == set(jobs)
+    for name, latent in results.items():
+        assert relative(latent, expected[name]) <= 1e-4, name
+    assert relative(results["a"], results["c"]) > 0.1
+    assert forwards[0] == 1 and forwards[1] == 4  # a alone, then a + b (two images) + c; wide runs apart

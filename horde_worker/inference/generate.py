@@ -121,10 +121,11 @@ class tiled:  # noqa: N801 - a context manager read as a phrase: `with tiled(pip
 
 
 def own_pipeline(pipe):
-    """A pipeline object of the job's own over the model's modules: a call keeps its state (scheduler,
-    guidance, interrupt flag) on the pipeline object, and jobs run step by step beside each other must
-    not share it."""
-    own = type(pipe).from_pipe(pipe)
+    """A pipeline object of the job's own over the model's modules, with a scheduler of its own: a call keeps
+    its state (timesteps, step index, guidance, interrupt flag) on them, and jobs run step by step beside
+    each other must not share it."""
+    scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
+    own = type(pipe).from_pipe(pipe, scheduler=scheduler)
     own.set_progress_bar_config(disable=True)
     return own
 

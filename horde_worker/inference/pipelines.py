@@ -68,6 +68,10 @@ def load_pipeline(path: Path, device: torch.device, dtype: torch.dtype, name: st
         move_keeping_fp8(pipe, device, dtype)
     else:
         pipe = pipe.to(device=device, dtype=dtype)
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module):
+            # Modules built from a config start in training mode: their dropout would make every image random.
+            component.eval()
     pipe.set_progress_bar_config(disable=True)
     apply_speedups(pipe, device)
     return LoadedModel(name=name or path.stem, baseline=baseline, pipeline=pipe,
