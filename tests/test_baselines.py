@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-
 import math
 
 import numpy as np
@@ -129,9 +128,9 @@ def test_flux_schedules_are_the_references():
 
 @pytest.mark.parametrize("variant", ["schnell", "dev"])
 def test_flux_all_in_one_generates_offline(flux_checkpoints, variant):
-    from horde_worker.inference.samplers import UnsupportedSampler
-
     from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from horde_worker.inference.samplers import UnsupportedSampler
 
     model = load_pipeline(flux_checkpoints[variant], torch.device("cpu"), torch.float32)
     assert model.baseline == "flux_1" and type(model.pipeline).__name__ == "FluxPipeline"
