@@ -7,7 +7,7 @@ Every key of that template is accepted. Keys this worker does not act on yet are
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -119,6 +119,9 @@ class BridgeData(BaseModel):
     unload_models_from_vram_often: bool = True
     very_fast_disk_mode: bool = False
     post_process_job_overlap: bool = False
+    # Compiled denoisers per batch-size bucket: "auto" (on for CUDA GPUs), "on", "off", or "cudagraphs"
+    # (also captures CUDA graphs; compiled in the engine's own thread).
+    compile_denoisers: Literal["auto", "on", "off", "cudagraphs"] = "auto"
 
     remove_maintenance_on_init: bool = False
     exit_on_unhandled_faults: bool = False

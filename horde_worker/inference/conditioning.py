@@ -136,7 +136,12 @@ def encode_prompts(pipe, baseline: str, prompts: list[str], negatives: list[str]
     per_encoder_hidden, pooled_list = [], []
     for text_encoder, tokenizer in encoders:
         chunk_lists = _even([_chunks(tokenizer, text) for text in texts])
-        encoded = [_encode_chunks(text_encoder, tokenizer, chunks, layer, normalize) for chunks in chunk_lists]
+        # Each distinct text is encoded once (a job's images mostly share their prompt and negative prompt).
+        by_text: dict[str, tuple[torch.Tensor, Any]] = {}
+        for text, chunks in zip(texts, chunk_lists, strict=True):
+            if text not in by_text:
+                by_text[text] = _encode_chunks(text_encoder, tokenizer, chunks, layer, normalize)
+        encoded = [by_text[text] for text in texts]
         per_encoder_hidden.append(torch.cat([hidden for hidden, _ in encoded]))
         pooled_list.append([pooled for _, pooled in encoded])
     hidden = torch.cat(per_encoder_hidden, dim=-1)

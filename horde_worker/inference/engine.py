@@ -175,7 +175,16 @@ class Engine:
                 return unet_denoiser(pipe.unet)
         batch = self.batches.get(request.model_name)
         if batch is None or batch.model is not loaded:
-            batch = self.batches[request.model_name] = StepBatch(make_denoiser(loaded.pipeline))
+            denoiser = make_denoiser(loaded.pipeline)
+            mode = getattr(self.runner, "compile_mode", None)
+            if mode is not None:
+                from horde_worker.inference.compiled import CompiledDenoiser
+
+                rowed = flux_batch.ROW_INPUTS if loaded.baseline == "flux_1" else ()
+                # CUDA graphs cannot be captured while another thread runs work on the device.
+                denoiser = CompiledDenoiser(denoiser, mode=None if mode == "default" else mode,
+                                            background=mode == "default", row_names=rowed)
+            batch = self.batches[request.model_name] = StepBatch(denoiser)
             batch.model = loaded
         batch.add(job.job_id, job.batched)
         job.group = (loaded.baseline, job.batched.group_key())

@@ -14,6 +14,9 @@ import torch
 from horde_worker.inference import flux
 from horde_worker.inference.conditioning import plain_text
 
+# The conditioning a step batch stacks per row (image ids and text ids are shared by the group).
+ROW_INPUTS = ("encoder_hidden_states", "pooled_projections", "guidance")
+
 
 def uses_true_cfg(model, request) -> bool:
     """A negative prompt with cfg > 1 asks for true classifier-free guidance (two passes a step): the job

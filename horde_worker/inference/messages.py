@@ -23,6 +23,9 @@ class SlotSpec:
     vram_to_leave_free: str = "20%"
     # How many jobs the process's engine runs at once (max_threads): batched together where they can be.
     max_jobs: int = 1
+    # compile_denoisers ("auto" | "on" | "off" | "cudagraphs") and where compiled graphs are cached.
+    compile_denoisers: str = "off"
+    cache_home: str = ""
     # post_process_job_overlap: post-process a job on a side thread while the next job samples.
     post_process_overlap: bool = False
 

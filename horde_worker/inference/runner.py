@@ -90,6 +90,16 @@ def resolve_device(name: str):
     return torch.device(name)
 
 
+def compile_mode(setting: str, device_type: str) -> str | None:
+    """The torch.compile mode of a `compile_denoisers` setting on this device ("default", "reduce-overhead"),
+    or None for eager."""
+    if setting == "cudagraphs" and device_type == "cuda":
+        return "reduce-overhead"
+    if setting == "on" or (setting in ("auto", "cudagraphs") and device_type == "cuda"):
+        return "default"
+    return None
+
+
 class ModelRunner:
     """Owns the device: places models within the budgets and runs jobs."""
 
@@ -107,6 +117,11 @@ class ModelRunner:
             total = torch.cuda.get_device_properties(self.device).total_memory
             device_budget = max(0, total - parse_amount(spec.vram_to_leave_free, total))
         self.residency = Residency(self.device, self.dtype, spec.ram_budget, device_budget)
+        self.compile_mode = compile_mode(spec.compile_denoisers, self.device.type)
+        if self.compile_mode is not None and spec.cache_home:
+            from horde_worker.inference.compiled import use_cache_dir
+
+            use_cache_dir(spec.cache_home)
         self.postprocessors = None
         self.overlap = spec.post_process_overlap
         self._post_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="postprocess")
