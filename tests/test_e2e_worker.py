@@ -226,3 +226,19 @@ def test_post_processing_with_overlap_through_the_worker(local_horde, start_work
     assert plain_image.shape == (128, 128, 3)
     log = (worker.folder / "logs" / "bridge.log").read_text()
     assert log.count("post-processing it while the slot takes the next job") == 2, log[-3000:]
+
+
+def test_jobs_in_hand_share_one_inference_process_and_its_steps(local_horde, start_worker):
+    worker = start_worker(local_horde, max_threads=3, queue_size=2)
+    requests_ = [post(local_horde, f"a painting of a {subject}", steps=8, width=256, height=256, seed=str(i))
+                 for i, subject in enumerate(("river", "castle", "forest"))]
+    wide = post(local_horde, "a wide valley", steps=4, width=320, height=256, seed="9")
+    for request_id in [*requests_, wide]:
+        wait_for(lambda r=request_id: status(local_horde, r)["done"], 240, f"request {request_id}")
+    output = worker.output()
+    # One engine held the jobs: the three of one size shared their steps.
+    assert "inference slot 0 starting" in output and "inference slot 1 starting" not in output, output
+    shared = [int(n) for n in re.findall(r"its steps shared with (\d+) other job", output)]
+    assert shared and max(shared) >= 1, output
+    images = [images_of(local_horde, r)[0][1] for r in requests_]
+    assert np.abs(images[0].astype(int) - images[1].astype(int)).mean() > 5

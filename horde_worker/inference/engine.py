@@ -16,6 +16,7 @@ Only this thread touches the device (a solo job's thread runs only while this on
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import queue
 import time
@@ -55,6 +56,7 @@ class EngineJob:
     load_seconds: float = 0.0
     load_source: str = "resident"
     started_at: float = 0.0
+    shared_with: set[str] = field(default_factory=set)
 
     @property
     def job_id(self) -> str:
@@ -80,7 +82,8 @@ class Engine:
         self.batches: dict[str, Any] = {}
         self.iteration = 0
         self.shutting_down = False
-        self.forwards: list[list[str]] = []  # the job ids of each shared forward (for reports and tests)
+        # The job ids of each recent shared forward (reports, tests).
+        self.forwards: collections.deque[list[str]] = collections.deque(maxlen=10_000)
 
     def submit(self, message: GenerateRequest | Shutdown) -> None:
         self.inbox.put(message)
@@ -232,6 +235,7 @@ class Engine:
         self.forwards.append(ids)
         for job in jobs:
             job.last_step = self.iteration
+            job.shared_with.update(ids)
             bj = job.batched
             self.send(Progress(job.job_id, bj.steps_done(bj.evaluations), bj.steps))
         if finished:
@@ -271,7 +275,8 @@ class Engine:
         result = GenerateResult(job_id=job.job_id, images=images, load_seconds=job.load_seconds,
                                 sample_seconds=time.perf_counter() - job.started_at,
                                 resident_models=runner.residency.names(), load_source=job.load_source,
-                                resident_bytes=runner.residency.ram_bytes())
+                                resident_bytes=runner.residency.ram_bytes(),
+                                shared_with=len(job.shared_with - {job.job_id}))
         job.held.close()
         from horde_worker.inference.runner import JobCancelled
 

@@ -155,6 +155,8 @@ class GenerateResult:
     # (type, value, ref) gen_metadata entries found while generating (e.g. a LoRA that does not fit).
     notes: list[tuple[str, str, str | None]] = field(default_factory=list)
     postprocess_seconds: float = 0.0
+    # How many other jobs shared this job's denoiser forwards (step-level batching).
+    shared_with: int = 0
 
 
 @dataclass(frozen=True)

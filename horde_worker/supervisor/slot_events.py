@@ -98,6 +98,8 @@ class SlotEvents:
             logger.info("model switch to {}: from {} in {:.2f}s", job.model, message.load_source,
                         message.load_seconds)
         extra = f" + {message.postprocess_seconds:.2f}s post-processing" if message.postprocess_seconds else ""
+        if message.shared_with:
+            extra += f" (its steps shared with {message.shared_with} other job(s))"
         logger.info("job {} generated in {:.2f}s{}", job.id, message.sample_seconds, extra)
         self.sup.finish(job)
 
