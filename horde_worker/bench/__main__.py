@@ -39,7 +39,9 @@ def build_model(cache: Path, full_size: bool) -> tuple[str, Path]:
     return FULL_SIZE_MODEL, path
 
 
-def run_worker(model: str, checkpoint: Path, device: str, mix: list[dict[str, Any]], work_dir: Path) -> dict[str, Any]:
+def run_worker(model: str, checkpoint: Path, device: str, mix: list[dict[str, Any]], work_dir: Path,
+               baseline: str = "stable_diffusion_1", max_threads: int = 1, queue_size: int = 1,
+               compile_denoisers: str = "off") -> dict[str, Any]:
     """Serve the job mix with the real supervisor and inference process; return the figures."""
     from horde_worker.config.bridge_data import BridgeData
     from horde_worker.horde.client import HordeClient, RetryPolicy
@@ -59,10 +61,12 @@ def run_worker(model: str, checkpoint: Path, device: str, mix: list[dict[str, An
         for body in [warm]:
             horde.state.add_request(body)
         settings = BridgeData(horde_url=horde.url, api_key=horde.api_key, dreamer_name="bench-worker",
-                              max_batch=4, queue_size=1, max_power=64, models_to_load=[model])
+                              max_batch=4, queue_size=queue_size, max_power=64, models_to_load=[model],
+                              max_threads=max_threads)
         client = HordeClient(horde.url, horde.api_key, retry=RetryPolicy(attempts=5, base_delay=0.1))
-        catalog = ModelCatalog([ServedModel(model, checkpoint, "stable_diffusion_1")])
-        specs = [SlotSpec(slot=0, device=device, log_dir=str(work_dir / "logs"))]
+        catalog = ModelCatalog([ServedModel(model, checkpoint, baseline)])
+        specs = [SlotSpec(slot=0, device=device, log_dir=str(work_dir / "logs"), max_jobs=max_threads,
+                          compile_denoisers=compile_denoisers, cache_home=str(work_dir / "cache"))]
         # Every image is safety-checked, as in service; a tiny CLIP keeps this benchmark about generation.
         safety = SafetyClient(write_tiny_clip(work_dir / "clip" / "bench-clip.safetensors", ["landscape"]), "cpu",
                               str(work_dir / "logs"))
@@ -75,6 +79,8 @@ def run_worker(model: str, checkpoint: Path, device: str, mix: list[dict[str, An
             task = asyncio.get_running_loop().create_task(supervisor.run())
             while supervisor.stats.images < 1:
                 await asyncio.sleep(0.05)
+            warm_engine = dict(supervisor.stats.engines.get(0, {}))
+            timings["warm_engine"] = warm_engine
             supervisor.stats = SessionStats()  # measure from here
             started = time.time()
             for body in mix:
@@ -90,12 +96,19 @@ def run_worker(model: str, checkpoint: Path, device: str, mix: list[dict[str, An
         horde.stop()
     stats = supervisor.stats
     images = sum(b["params"].get("n", 1) for b in mix)
+    engine = stats.engines.get(0, {})
+    warm = timings.get("warm_engine", {})
+    busy = engine.get("busy_seconds", 0.0) - warm.get("busy_seconds", 0.0)
     return {
         "images": stats.images, "expected_images": images, "wall_seconds": timings["wall"],
         "seconds_per_image": timings["wall"] / max(1, stats.images),
         "megapixelsteps_per_second": stats.megapixelsteps / timings["wall"],
-        "inference_busy_share": stats.inference_seconds / timings["wall"],
+        # The share of wall time the engine was working (every job of it, not one job's latency).
+        "inference_busy_share": busy / timings["wall"] if engine else stats.inference_seconds / timings["wall"],
         "kudos": stats.kudos,
+        "peak_vram_gib": engine["peak_device_bytes"] / 2**30 if "peak_device_bytes" in engine else None,
+        "compiled_shapes": engine.get("compiled_shapes", 0.0),
+        "compile_seconds": engine.get("compile_seconds", 0.0),
     }
 
 
@@ -107,7 +120,7 @@ PLAIN_SCHEDULERS = {"k_euler": "EulerDiscreteScheduler", "k_euler_a": "EulerAnce
 
 
 def run_plain_diffusers(checkpoint: Path, device: str, mix: list[dict[str, Any]]) -> dict[str, Any]:
-    """The same jobs through a plain diffusers StableDiffusionPipeline call, one after the other."""
+    """The same jobs through plain diffusers pipeline calls (SD, SDXL or Flux), one request after the other."""
     import diffusers
     import torch
 
@@ -129,6 +142,12 @@ def run_plain_diffusers(checkpoint: Path, device: str, mix: list[dict[str, Any]]
     def run(body: dict[str, Any]) -> None:
         p = body["params"]
         prompt, _, negative = body["prompt"].partition("###")
+        if loaded.baseline == "flux_1":
+            distilled = bool(pipe.transformer.config.guidance_embeds)
+            pipe(prompt=prompt, width=p["width"], height=p["height"], num_inference_steps=p["steps"],
+                 guidance_scale=p.get("cfg_scale", 3.5) if distilled else 0.0, num_images_per_prompt=p.get("n", 1),
+                 generator=torch.Generator("cpu").manual_seed(1), output_type="pil")
+            return
         scheduler_class = getattr(diffusers, PLAIN_SCHEDULERS.get(p.get("sampler_name", "k_euler_a"),
                                                                   "EulerAncestralDiscreteScheduler"))
         pipe.scheduler = scheduler_class.from_config(loaded.scheduler_config,
@@ -141,6 +160,7 @@ def run_plain_diffusers(checkpoint: Path, device: str, mix: list[dict[str, Any]]
     run(mix[0])
     if torch_device.type == "cuda":
         torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats(torch_device)
     started = time.perf_counter()
     for body in mix:
         run(body)
@@ -166,6 +186,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="write the figures here")
     parser.add_argument("--speedups", default=os.environ.get("HORDE_WORKER_SPEEDUPS", "none"),
                         help="the worker's GPU speed-ups: none (default), all, or a list of channels_last,fuse_qkv")
+    parser.add_argument("--stream", action="store_true",
+                        help="a saturated stream of horde-like jobs per baseline, worker vs plain diffusers")
+    parser.add_argument("--baselines", default="", help="with --stream: sd15,sdxl,flux (default: all on a GPU, "
+                                                         "sd15 on a CPU)")
+    parser.add_argument("--images", type=int, default=0, help="with --stream: images per baseline "
+                                                              "(default 300 on a GPU, 24 on a CPU)")
+    parser.add_argument("--max-threads", type=int, default=8, help="with --stream: jobs the engine holds at once")
+    parser.add_argument("--compile", default="auto", help="with --stream: the worker's compile_denoisers")
     args = parser.parse_args(argv)
     os.environ["HORDE_WORKER_SPEEDUPS"] = args.speedups
     logger.remove()
@@ -175,6 +203,8 @@ def main(argv: list[str] | None = None) -> int:
 
     device = detect_devices(args.device)[0]
     work = Path(tempfile.mkdtemp(prefix="horde-bench-"))
+    if args.stream:
+        return stream_main(args, device, work)
     cache = args.cache or work / "cache"
     model, checkpoint = build_model(cache, args.full_size)
     mix = job_mix(model, full_size=args.full_size) * max(1, args.repeat)
@@ -207,6 +237,29 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     return 0 if w["images"] == w["expected_images"] else 1
+
+
+def stream_main(args, device: str, work: Path) -> int:
+    """`--stream`: one saturated stream per baseline; prints a line each and the JSON."""
+    from horde_worker.bench import stream
+
+    on_gpu = device.startswith("cuda")
+    names = [n for n in (args.baselines or ("sd15,sdxl,flux" if on_gpu else "sd15")).split(",") if n]
+    images = args.images or (300 if on_gpu else 24)
+    if args.cache:
+        (work / "cache").symlink_to(args.cache.resolve(), target_is_directory=True)
+    results: dict[str, Any] = {"device": device, "full_size": args.full_size or on_gpu, "max_threads": args.max_threads}
+    for name in names:
+        figures = stream.measure(stream.BASELINES[name], device, images, args.full_size or on_gpu, args.max_threads,
+                                 work, args.compile)
+        results[name] = figures
+        print(stream.report(figures), flush=True)
+    import json as json_module
+
+    print(json_module.dumps(results, indent=2))
+    if args.json:
+        args.json.write_text(json_module.dumps(results, indent=2))
+    return 0 if all(results[n]["worker"]["images"] == results[n]["worker"]["expected_images"] for n in names) else 1
 
 
 if __name__ == "__main__":

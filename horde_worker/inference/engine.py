@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import queue
 import time
 from collections.abc import Callable
@@ -81,6 +82,7 @@ class Engine:
         self.jobs: dict[str, EngineJob] = {}
         self.batches: dict[str, Any] = {}
         self.iteration = 0
+        self.busy_seconds = 0.0
         self.shutting_down = False
         # The job ids of each recent shared forward (reports, tests).
         self.forwards: collections.deque[list[str]] = collections.deque(maxlen=10_000)
@@ -98,6 +100,25 @@ class Engine:
     def iterate(self, block: bool = False) -> None:
         """One engine iteration (waiting for a message first when `block`)."""
         self._take_messages(block)
+        started, working = time.perf_counter(), bool(self.jobs)
+        try:
+            self._iterate()
+        finally:
+            if working:
+                self.busy_seconds += time.perf_counter() - started
+
+    def figures(self) -> dict[str, float]:
+        """The engine's figures so far (sent with each result: benchmarks and the status read them)."""
+        compiled = [b.denoiser for b in self.batches.values() if hasattr(b.denoiser, "compile_seconds")]
+        figures = {"busy_seconds": self.busy_seconds,
+                   "compiled_shapes": float(sum(len(d.ready) for d in compiled)),
+                   "compile_seconds": sum(sum(d.compile_seconds.values()) for d in compiled)}
+        device = getattr(self.runner, "device", None)
+        if device is not None and device.type == "cuda":
+            figures["peak_device_bytes"] = float(torch.cuda.max_memory_allocated(device))
+        return figures
+
+    def _iterate(self) -> None:
         self._apply_cancels()
         now = time.time()
         waiting = [Waiting(j.job_id, j.request.model_name, j.kind, j.arrived_at, j.request.deadline)
@@ -217,7 +238,7 @@ class Engine:
             self._fail(job, f"{type(error).__name__}: {error}")
         else:
             if job.solo.result is not None:
-                self.send(job.solo.result)
+                self.send(dataclasses.replace(job.solo.result, engine=self.figures()))
             self._end(job)
 
     def _step_batch(self, jobs: list[EngineJob]) -> None:
@@ -276,7 +297,7 @@ class Engine:
                                 sample_seconds=time.perf_counter() - job.started_at,
                                 resident_models=runner.residency.names(), load_source=job.load_source,
                                 resident_bytes=runner.residency.ram_bytes(),
-                                shared_with=len(job.shared_with - {job.job_id}))
+                                shared_with=len(job.shared_with - {job.job_id}), engine=self.figures())
         job.held.close()
         from horde_worker.inference.runner import JobCancelled
 

@@ -157,6 +157,8 @@ class GenerateResult:
     postprocess_seconds: float = 0.0
     # How many other jobs shared this job's denoiser forwards (step-level batching).
     shared_with: int = 0
+    # The engine's figures so far: busy_seconds, peak_device_bytes, compiled_shapes, compile_seconds.
+    engine: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

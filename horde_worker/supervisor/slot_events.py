@@ -86,6 +86,8 @@ class SlotEvents:
         if isinstance(message, GenerateFailed):
             self.sup.fault(job, message.reason)
             return
+        if message.engine:
+            self.sup.stats.engines[slot.spec.slot] = dict(message.engine)
         job.images = list(message.images)
         job.gen_metadata.extend(jobspec.notes_metadata(message.notes))
         for kind, value, ref in message.notes:

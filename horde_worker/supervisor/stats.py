@@ -25,6 +25,8 @@ class SessionStats:
     megapixelsteps: float = 0.0
     inference_seconds: float = 0.0
     last_done_at: float | None = None
+    # Each inference slot's latest engine figures (busy seconds, peak device memory, compiled shapes).
+    engines: dict[int, dict[str, float]] = field(default_factory=dict)
 
     def job_started(self) -> None:
         if self.first_job_at is None:
@@ -62,9 +64,12 @@ def status_line(jobs: list[Job], s: SessionStats, unusable: list[int] | None = N
     """The live status line: jobs done, the queue, what runs now, kudos and speed, and slots given up."""
     running = [j for j in jobs if j.state is JobState.RUNNING]
     current = ""
-    if running:
+    if len(running) == 1:
         step, total = running[0].progress
         current = f" | running {running[0].model} {step}/{total}"
+    elif running:
+        current = f" | running {len(running)} jobs (" + ", ".join(
+            f"{j.progress[0]}/{j.progress[1]}" for j in running[:4]) + (", ..." if len(running) > 4 else "") + ")"
     post = sum(1 for j in jobs if j.state is JobState.POSTPROCESSING)
     if post:
         current += f" | post-processing {post}"
