@@ -66,7 +66,8 @@ def slot_specs(devices: list[str], settings: BridgeData, log_dir: Path) -> list[
     return [SlotSpec(slot=index, device=device, log_dir=str(log_dir), ram_budget=ram_budget // len(devices),
                      post_process_overlap=settings.post_process_job_overlap,
                      vram_to_leave_free=settings.vram_to_leave_free, max_jobs=settings.max_threads,
-                     compile_denoisers=settings.compile_denoisers, cache_home=settings.cache_home)
+                     compile_denoisers=settings.compile_denoisers, cache_home=settings.cache_home,
+                     flux_fp8_matmuls=settings.flux_fp8_matmuls)
             for index, device in enumerate(devices)]
 
 

@@ -41,7 +41,7 @@ def build_model(cache: Path, full_size: bool) -> tuple[str, Path]:
 
 def run_worker(model: str, checkpoint: Path, device: str, mix: list[dict[str, Any]], work_dir: Path,
                baseline: str = "stable_diffusion_1", max_threads: int = 1, queue_size: int = 1,
-               compile_denoisers: str = "off") -> dict[str, Any]:
+               compile_denoisers: str = "off", fp8_matmuls: bool = False) -> dict[str, Any]:
     """Serve the job mix with the real supervisor and inference process; return the figures."""
     from horde_worker.config.bridge_data import BridgeData
     from horde_worker.horde.client import HordeClient, RetryPolicy
@@ -66,7 +66,8 @@ def run_worker(model: str, checkpoint: Path, device: str, mix: list[dict[str, An
         client = HordeClient(horde.url, horde.api_key, retry=RetryPolicy(attempts=5, base_delay=0.1))
         catalog = ModelCatalog([ServedModel(model, checkpoint, baseline)])
         specs = [SlotSpec(slot=0, device=device, log_dir=str(work_dir / "logs"), max_jobs=max_threads,
-                          compile_denoisers=compile_denoisers, cache_home=str(work_dir / "cache"))]
+                          compile_denoisers=compile_denoisers, cache_home=str(work_dir / "cache"),
+                          flux_fp8_matmuls=fp8_matmuls)]
         # Every image is safety-checked, as in service; a tiny CLIP keeps this benchmark about generation.
         safety = SafetyClient(write_tiny_clip(work_dir / "clip" / "bench-clip.safetensors", ["landscape"]), "cpu",
                               str(work_dir / "logs"))

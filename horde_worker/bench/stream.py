@@ -97,9 +97,52 @@ def measure(baseline: str, device: str, images: int, full_size: bool, max_thread
                         queue_size=max_threads, compile_denoisers=compile_denoisers)
     worker["run_seconds"] = time.perf_counter() - started
     plain = run_plain_diffusers(checkpoint, device, mix)
-    return {"baseline": baseline, "model": model, "requests": len(mix),
-            "images": sum(b["params"]["n"] for b in mix), "worker": worker, "plain_diffusers": plain,
-            "speed_ratio_worker_vs_diffusers": plain["seconds_per_image"] / worker["seconds_per_image"]}
+    figures = {"baseline": baseline, "model": model, "requests": len(mix),
+               "images": sum(b["params"]["n"] for b in mix), "worker": worker, "plain_diffusers": plain,
+               "speed_ratio_worker_vs_diffusers": plain["seconds_per_image"] / worker["seconds_per_image"]}
+    if baseline == "flux_1" and fp8_available(device):
+        fp8_worker = run_worker(model, checkpoint, device, mix, work / f"{baseline}-fp8", baseline=baseline,
+                                max_threads=max_threads, queue_size=max_threads,
+                                compile_denoisers=compile_denoisers, fp8_matmuls=True)
+        figures["worker_fp8_matmuls"] = fp8_worker
+        figures["speed_ratio_fp8_worker_vs_diffusers"] = plain["seconds_per_image"] / fp8_worker["seconds_per_image"]
+        figures["fp8_latent_relative_error"] = fp8_latent_error(checkpoint, device, mix[0]["params"])
+    return figures
+
+
+def fp8_available(device: str) -> bool:
+    import torch
+
+    from horde_worker.inference import fp8
+
+    return device.startswith("cuda") and fp8.supported(torch.device(device))
+
+
+def fp8_latent_error(checkpoint: Path, device: str, params: dict[str, Any]) -> float:
+    """Relative error of one job's final latent with fp8 matmuls against the widened (bf16) layers, same
+    weights, same seed."""
+    import torch
+
+    from horde_worker.inference import fp8
+    from horde_worker.inference.generate import Pass
+    from horde_worker.inference.messages import GenerateRequest
+    from horde_worker.inference.residency import Residency
+
+    request = GenerateRequest(job_id="fp8-check", model_name="fp8-check", model_path=str(checkpoint),
+                              baseline="flux_1", prompt="a lighthouse at dawn", negative_prompt="",
+                              width=params["width"], height=params["height"], steps=params["steps"],
+                              cfg_scale=params["cfg_scale"], sampler_name="k_euler", karras=False, seeds=[7])
+    latents = []
+    for narrow in (False, True):
+        residency = Residency(torch.device(device), torch.float16, None, None, fp8_matmuls=narrow)
+        with residency.using(request.model_name, request.model_path) as (model, _source, _seconds), \
+                torch.inference_mode():
+            pass_ = Pass(model, request, [request.prompt], [""], None)
+            latents.append(pass_.sample(pass_.pipe, request.steps, width=request.width, height=request.height,
+                                        output_type="latent").images.float().cpu())
+        del residency
+        torch.cuda.empty_cache()
+    return fp8.output_error(latents[0], latents[1])
 
 
 def report(figures: dict[str, Any]) -> str:
@@ -109,4 +152,7 @@ def report(figures: dict[str, Any]) -> str:
     return (f"{figures['baseline']}: worker {w['seconds_per_image']:.3f} s/image, plain diffusers "
             f"{d['seconds_per_image']:.3f} s/image, ratio {figures['speed_ratio_worker_vs_diffusers']:.2f}x; "
             f"engine busy {w['inference_busy_share'] * 100:.0f}%{vram}; {w['compiled_shapes']:.0f} shapes compiled "
-            f"in {w['compile_seconds']:.1f}s beside the jobs ({figures['images']} images, {figures['requests']} requests)")
+            f"in {w['compile_seconds']:.1f}s beside the jobs ({figures['images']} images, {figures['requests']} requests)"
+            + (f"; fp8 matmuls {figures['worker_fp8_matmuls']['seconds_per_image']:.3f} s/image "
+               f"(ratio {figures['speed_ratio_fp8_worker_vs_diffusers']:.2f}x, latent error "
+               f"{figures['fp8_latent_relative_error']:.4f})" if "worker_fp8_matmuls" in figures else ""))

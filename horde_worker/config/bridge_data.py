@@ -122,6 +122,9 @@ class BridgeData(BaseModel):
     # Compiled denoisers per batch-size bucket: "auto" (on for CUDA GPUs), "on", "off", or "cudagraphs"
     # (also captures CUDA graphs; compiled in the engine's own thread).
     compile_denoisers: Literal["auto", "on", "off", "cudagraphs"] = "auto"
+    # Flux's fp8-stored transformer blocks multiply in fp8 on GPUs that can (Ada, Hopper): faster, but the
+    # images are no longer exactly the reference's (see docs/benchmarks.md for the measured error).
+    flux_fp8_matmuls: bool = False
 
     remove_maintenance_on_init: bool = False
     exit_on_unhandled_faults: bool = False

@@ -25,6 +25,7 @@ class SlotSpec:
     max_jobs: int = 1
     # compile_denoisers ("auto" | "on" | "off" | "cudagraphs") and where compiled graphs are cached.
     compile_denoisers: str = "off"
+    flux_fp8_matmuls: bool = False
     cache_home: str = ""
     # post_process_job_overlap: post-process a job on a side thread while the next job samples.
     post_process_overlap: bool = False

@@ -63,8 +63,10 @@ class Residency:
     acquired or in use (`using`) is pinned, and eviction never picks a pinned model.
     """
 
-    def __init__(self, device: torch.device, dtype: torch.dtype, ram_budget: int | None, device_budget: int | None):
+    def __init__(self, device: torch.device, dtype: torch.dtype, ram_budget: int | None, device_budget: int | None,
+                 fp8_matmuls: bool = False):
         self.device = device
+        self.fp8_matmuls = fp8_matmuls  # Flux's fp8 blocks multiply in fp8 where the device can (inference/fp8.py)
         self.dtype = dtype
         self.ram_budget = ram_budget
         self.device_budget = device_budget
@@ -93,7 +95,15 @@ class Residency:
 
     def _read(self, name: str, path: str, v_prediction: bool) -> LoadedModel:
         target = self.device if self.on_cpu else torch.device("cpu")
-        return load_pipeline(Path(path), target, self.dtype, name=name, v_prediction=v_prediction)
+        model = load_pipeline(Path(path), target, self.dtype, name=name, v_prediction=v_prediction)
+        if self.fp8_matmuls and "transformer" in getattr(model.pipeline, "fp8_parts", ()):
+            from horde_worker.inference import fp8
+
+            if fp8.supported(self.device):
+                # Flux computes in bf16 on a GPU (pipelines.load_pipeline).
+                count = fp8.use_fp8_matmuls(model.pipeline.transformer, torch.bfloat16)
+                logger.info("{}: {} transformer layers multiply in fp8", name, count)
+        return model
 
     def _load(self, name: str, path: str, v_prediction: bool) -> bool:
         """Make sure the model is in RAM or on the device: read it, or wait for the read already under way.
