@@ -112,3 +112,35 @@ def test_the_engine_starts_no_more_jobs_than_it_may_run_at_once(runner, tiny_che
         started_together = max(started_together, sum(1 for j in engine.jobs.values() if j.state.value != "waiting"))
     assert started_together == 2
     assert all(isinstance(m, GenerateResult) for m in engines.answers().values()) and len(engines.answers()) == 3
+
+
+@pytest.mark.parametrize("baseline", ["stable_diffusion_xl", "flux_1"])
+def test_sdxl_and_flux_jobs_batch_and_decode_as_alone(runner, tmp_path, baseline):
+    from horde_worker.inference.tiny import write_tiny_checkpoint, write_tiny_flux_checkpoint
+
+    path = tmp_path / f"{baseline}.safetensors"
+    if baseline == "flux_1":
+        write_tiny_flux_checkpoint(path, seed=1, guidance=True, fp8=False)
+    else:
+        write_tiny_checkpoint(path, baseline)
+    jobs = {"p": dict(steps=3, prompt="a red barn", seeds=[1, 2], cfg_scale=3.5),
+            "q": dict(steps=4, prompt="a blue lake", seeds=[3], cfg_scale=5.0)}
+
+    def make(name: str):
+        return job_request(job_id=name, model_name=baseline, model_path=str(path), baseline=baseline, width=64,
+                           height=64, sampler_name="k_euler", **jobs[name])
+
+    engines = Engines(runner, max_jobs=4)
+    for name in jobs:
+        engines.submit(make(name))
+    for _ in range(50):
+        if not engines.engine.jobs and len(engines.answers()) == len(jobs):
+            break
+        engines.engine.iterate()
+    answers = engines.answers()
+    assert {type(a) for a in answers.values()} == {GenerateResult}, answers
+    assert answers["p"].shared_with == 1 and answers["q"].shared_with == 1
+    for name in jobs:
+        for got, want in zip(answers[name].images, alone(runner, make(name)), strict=True):
+            assert got.shape == want.shape == (64, 64, 3)
+            assert int(np.abs(got.astype(int) - want.astype(int)).max()) <= 1, name

@@ -138,3 +138,20 @@ def test_flux_jobs_batch_with_their_own_timesteps_and_guidance(tmp_path):
         assert relative(latent, expected[name]) <= 1e-4, name
     assert relative(results["a"], results["c"]) > 0.1
     assert forwards[0] == 1 and forwards[1] == 4  # a alone, then a + b (two images) + c; wide runs apart
+
+
+def test_identical_prompts_of_a_job_are_encoded_once(model):
+    from horde_worker.inference.conditioning import encode_prompts
+
+    calls: list[int] = []
+    hook = model.pipeline.text_encoder.register_forward_hook(lambda _m, args, _out: calls.append(args[0].shape[0]))
+    try:
+        with torch.no_grad():
+            shared = encode_prompts(model.pipeline, "stable_diffusion_1", ["a cat"] * 3, ["", "", "blurry"], 1)
+            single = encode_prompts(model.pipeline, "stable_diffusion_1", ["a cat"], ["blurry"], 1)
+    finally:
+        hook.remove()
+    assert len(calls) == 3 + 2  # "a cat", "", "blurry"; then "a cat", "blurry"
+    assert shared["prompt_embeds"].shape[0] == 3 and torch.equal(shared["prompt_embeds"][2], single["prompt_embeds"][0])
+    assert torch.equal(shared["negative_prompt_embeds"][2], single["negative_prompt_embeds"][0])
+    assert not torch.equal(shared["negative_prompt_embeds"][0], shared["negative_prompt_embeds"][2])
