@@ -45,6 +45,16 @@ def use_cache_dir(cache_home: str | Path) -> Path:
     return folder
 
 
+def _allow_many_graphs() -> None:
+    """Every denoiser shares one Python function, and each (bucket, shape, model) is a graph of its own: dynamo's
+    default of 8 graphs per function would silently send the rest back to eager."""
+    import torch._dynamo.config as dynamo_config
+
+    dynamo_config.cache_size_limit = max(dynamo_config.cache_size_limit, 256)
+    if hasattr(dynamo_config, "accumulated_cache_size_limit"):
+        dynamo_config.accumulated_cache_size_limit = max(dynamo_config.accumulated_cache_size_limit, 2048)
+
+
 def _pad(tensor: torch.Tensor, rows: int) -> torch.Tensor:
     """`tensor` with its last row repeated up to `rows` rows (real values: no NaN from an all-zero row)."""
     missing = rows - tensor.shape[0]
@@ -59,6 +69,7 @@ class CompiledDenoiser:
     def __init__(self, denoiser: Denoiser, mode: str | None = None, background: bool = True,
                  row_names: tuple[str, ...] = ()) -> None:
         self.eager = denoiser
+        _allow_many_graphs()
         self.compiled = torch.compile(denoiser, dynamic=False, mode=mode)
         self.background = background
         # Conditioning entries with one row per model-input row (the rest are shared by every row); empty: all.
