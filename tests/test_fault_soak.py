@@ -5,8 +5,8 @@ jobs; the inference and safety processes are killed several times, the main proc
 again in the same folder: its journal resubmits what was finished), and at the end Ctrl+C goes to the
 whole process group. Everything is then judged from the proxy's own log (see docs/reliability.md).
 
-`HORDE_SOAK_JOBS` sets how many jobs the run serves (default 200, about four minutes on 2 cores; 2000 for a
-long run); `HORDE_SOAK_REPORT` names a file for the run's figures as JSON.
+`HORDE_SOAK_JOBS` sets how many jobs the run serves (default 120, about two and a half minutes on 2 cores;
+2000 for a long run); `HORDE_SOAK_REPORT` names a file for the run's figures as JSON.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from tests import soak_support as soak
 from tests.faultproxy import FaultProxy, Faults, ProxyPlan
 
 SEED = 1105
-JOBS = int(os.environ.get("HORDE_SOAK_JOBS", "200"))
+JOBS = int(os.environ.get("HORDE_SOAK_JOBS", "120"))
 TTL = 120  # seconds, every job (fixed_ttl): roomy for 2-4 steps at 128x128, tight enough to matter
 MAX_GAP = 60.0  # the longest stretch without a submit, outside the restart of the main process
 EXIT_WITHIN = 120.0  # after Ctrl+C
