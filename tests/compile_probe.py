@@ -18,9 +18,10 @@ def main(cache_home: Path, out: Path) -> None:
     import torch
     from torch._dynamo.utils import counters
 
+    from horde_worker.inference.cancellation import Cancellations
     from horde_worker.inference.engine import Engine
     from horde_worker.inference.messages import GenerateResult, SlotSpec
-    from horde_worker.inference.runner import Cancellations, ModelRunner
+    from horde_worker.inference.runner import ModelRunner
     from horde_worker.inference.tiny import write_tiny_checkpoint
     from tests.conftest import job_request
 

@@ -42,7 +42,7 @@ def loaded(model):
 
 def stop_at(n: int):
     """An on_step that records each step and raises JobCancelled at the n-th, as the runner's does."""
-    from horde_worker.inference.runner import JobCancelled
+    from horde_worker.inference.cancellation import JobCancelled
 
     calls: list[int] = []
 
@@ -66,8 +66,8 @@ PATHS = {
 
 @pytest.mark.parametrize("path", PATHS)
 def test_every_sampling_path_stops_at_the_step_the_cancel_is_seen(loaded, model, path):
+    from horde_worker.inference.cancellation import JobCancelled
     from horde_worker.inference.generate import run_job
-    from horde_worker.inference.runner import JobCancelled
 
     on_step, calls = stop_at(2)
     with pytest.raises(JobCancelled):
@@ -77,7 +77,7 @@ def test_every_sampling_path_stops_at_the_step_the_cancel_is_seen(loaded, model,
 
 def test_hires_fix_stops_in_its_second_pass(loaded, model, monkeypatch):
     from horde_worker.inference import generate, hires
-    from horde_worker.inference.runner import JobCancelled
+    from horde_worker.inference.cancellation import JobCancelled
 
     monkeypatch.setattr(hires, "applies", lambda *args: True)
     monkeypatch.setattr(hires, "first_pass_size", lambda *args: (64, 64))  # a first pass at 64 for a 128 job
@@ -95,9 +95,9 @@ def test_hires_fix_stops_in_its_second_pass(loaded, model, monkeypatch):
 def test_flux_stops_at_the_step_the_cancel_is_seen(tmp_path, model):
     import torch
 
+    from horde_worker.inference.cancellation import JobCancelled
     from horde_worker.inference.generate import run_job
     from horde_worker.inference.pipelines import load_pipeline
-    from horde_worker.inference.runner import JobCancelled
     from horde_worker.inference.tiny import write_tiny_flux_checkpoint
 
     flux = load_pipeline(write_tiny_flux_checkpoint(tmp_path / "flux.safetensors", fp8=False), torch.device("cpu"),

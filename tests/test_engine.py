@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from horde_worker.inference.cancellation import Cancellations
 from horde_worker.inference.engine import Engine
 from horde_worker.inference.messages import GenerateFailed, GenerateResult, Progress, SlotSpec
-from horde_worker.inference.runner import Cancellations, ModelRunner
+from horde_worker.inference.runner import ModelRunner
 from tests.conftest import job_request
 
 
@@ -144,3 +145,24 @@ def test_sdxl_and_flux_jobs_batch_and_decode_as_alone(runner, tmp_path, baseline
         for got, want in zip(answers[name].images, alone(runner, make(name)), strict=True):
             assert got.shape == want.shape == (64, 64, 3)
             assert int(np.abs(got.astype(int) - want.astype(int)).max()) <= 1, name
+
+
+def test_the_stream_benchmark_serves_its_mix_on_cpu(tmp_path, capsys):
+    import json
+
+    from horde_worker.bench.__main__ import main
+    from horde_worker.bench.stream import stream_mix
+
+    mix = stream_mix("stable_diffusion_1", "m", images=40, full_size=True)
+    assert sum(b["params"]["n"] for b in mix) >= 40 and mix == stream_mix("stable_diffusion_1", "m", 40, True)
+    assert len({(b["params"]["width"], b["params"]["height"]) for b in mix}) > 1
+    assert len({b["params"]["sampler_name"] for b in mix}) > 2
+    out = tmp_path / "stream.json"
+    assert main(["--stream", "--device", "cpu", "--images", "4", "--max-threads", "2", "--compile", "off",
+                 "--json", str(out)]) == 0
+    figures = json.loads(out.read_text())["sd15"]
+    worker = figures["worker"]
+    assert worker["images"] == worker["expected_images"] == figures["images"] >= 4
+    assert worker["seconds_per_image"] > 0 and figures["plain_diffusers"]["seconds_per_image"] > 0
+    assert 0 < worker["inference_busy_share"] <= 1.0
+    assert "stable_diffusion_1: worker" in capsys.readouterr().out

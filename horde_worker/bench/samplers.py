@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from horde_worker.bench.__main__ import PLAIN_SCHEDULERS
+from horde_worker.bench.harness import PLAIN_SCHEDULERS
 
 DEFAULT_SAMPLERS = ("k_euler", "k_euler_a", "k_heun", "k_dpmpp_2m", "k_dpmpp_sde", "k_lms")
 

@@ -88,7 +88,7 @@ def build_checkpoint(cache: Path, baseline: str, full_size: bool) -> tuple[str, 
 def measure(baseline: str, device: str, images: int, full_size: bool, max_threads: int, work: Path,
             compile_denoisers: str) -> dict[str, Any]:
     """One baseline's stream: worker figures, plain diffusers figures, their ratio."""
-    from horde_worker.bench.__main__ import run_plain_diffusers, run_worker
+    from horde_worker.bench.harness import run_plain_diffusers, run_worker
 
     model, checkpoint = build_checkpoint(work / "cache", baseline, full_size)
     mix = stream_mix(baseline, model, images, full_size)

@@ -29,7 +29,8 @@ from typing import Any
 import torch
 from loguru import logger
 
-from horde_worker.inference import engine_jobs, engine_scheduler
+from horde_worker.inference import decode, engine_jobs, engine_scheduler
+from horde_worker.inference.cancellation import JobCancelled
 from horde_worker.inference.engine_scheduler import JobKind, Running, Waiting
 from horde_worker.inference.messages import GenerateFailed, GenerateRequest, GenerateResult, Progress, Shutdown
 
@@ -227,8 +228,6 @@ class Engine:
         job.last_step = self.iteration
         if not job.solo.step():
             return
-        from horde_worker.inference.runner import JobCancelled
-
         if isinstance(job.solo.error, JobCancelled):
             logger.info("job {} stopped: {}", job.job_id, job.solo.error.reason)
             self._fail(job, f"stopped: {job.solo.error.reason}")
@@ -278,7 +277,7 @@ class Engine:
                     if batch.model.baseline == "flux_1":
                         images = flux_batch.decode(pipe, stacked, width, height)
                     else:
-                        images = engine_jobs.decode(pipe, stacked)
+                        images = decode.sd_images(pipe, stacked)
             except Exception as exc:
                 logger.exception("decoding {} failed", job_ids)
                 for job_id in job_ids:
@@ -299,8 +298,6 @@ class Engine:
                                 resident_bytes=runner.residency.ram_bytes(),
                                 shared_with=len(job.shared_with - {job.job_id}), engine=self.figures())
         job.held.close()
-        from horde_worker.inference.runner import JobCancelled
-
         try:
             delivered = runner.deliver(job.request, result, self.send, lambda j=job.job_id: self.stopped(j))
         except JobCancelled as stop:

@@ -1,6 +1,6 @@
 """The two ways the engine runs a job: batched (its sampler stepped by the engine, sharing forwards) or
 solo (its own pipeline call, on a thread that pauses at every step boundary until the engine lets it
-take the next step). Plus what a batched job needs around its steps: the decode to images.
+take the next step).
 """
 
 from __future__ import annotations
@@ -8,9 +8,6 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from typing import Any
-
-import numpy as np
-import torch
 
 from horde_worker.inference.engine_scheduler import JobKind
 from horde_worker.inference.messages import GenerateRequest
@@ -49,35 +46,6 @@ def batchable(request: GenerateRequest, model) -> bool:
     unet = getattr(model.pipeline, "unet", None)
     return (spec.algorithm is not None and spec.algorithm != "dpm_adaptive" and unet is not None
             and unet.config.in_channels == 4)
-
-
-def decode(pipe, latents: torch.Tensor) -> list[np.ndarray]:
-    """Final SD latents to 8-bit RGB images, as the model's diffusers pipeline decodes them (SDXL's VAE
-    upcast to float32 when its config asks for it)."""
-    vae = pipe.vae
-    upcast = hasattr(pipe, "text_encoder_2") and vae.dtype == torch.float16 and vae.config.force_upcast
-    if upcast:
-        vae.to(torch.float32)
-    try:
-        latents = latents.to(vae.device, vae.dtype)
-        mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
-        if mean is not None and std is not None:
-            mean = torch.tensor(mean).view(1, -1, 1, 1).to(latents.device, latents.dtype)
-            std = torch.tensor(std).view(1, -1, 1, 1).to(latents.device, latents.dtype)
-            latents = latents * std / vae.config.scaling_factor + mean
-        else:
-            latents = latents / vae.config.scaling_factor
-        pixels = vae.decode(latents, return_dict=False)[0]
-    finally:
-        if upcast:
-            vae.to(torch.float16)
-    return to_uint8(pipe.image_processor.postprocess(pixels, output_type="np"))
-
-
-def to_uint8(images: np.ndarray) -> list[np.ndarray]:
-    """Float images in [0, 1] as 8-bit arrays, rounded as `generate.Pass.call` rounds them."""
-    as_bytes = np.clip(np.rint(images * 255.0), 0, 255).astype(np.uint8)
-    return [as_bytes[i] for i in range(as_bytes.shape[0])]
 
 
 class SoloJob:

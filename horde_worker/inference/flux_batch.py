@@ -13,6 +13,7 @@ import torch
 
 from horde_worker.inference import flux
 from horde_worker.inference.conditioning import plain_text
+from horde_worker.inference.decode import to_uint8
 
 # The conditioning a step batch stacks per row (image ids and text ids are shared by the group).
 ROW_INPUTS = ("encoder_hidden_states", "pooled_projections", "guidance")
@@ -103,8 +104,6 @@ def transformer_denoiser(pipe):
 
 def decode(pipe, latents: torch.Tensor, width: int, height: int) -> list[np.ndarray]:
     """Final packed latents to 8-bit RGB images, as the Flux pipeline decodes them."""
-    from horde_worker.inference.engine_jobs import to_uint8
-
     vae = pipe.vae
     unpacked = pipe._unpack_latents(latents, height, width, pipe.vae_scale_factor)
     unpacked = (unpacked / vae.config.scaling_factor) + vae.config.shift_factor

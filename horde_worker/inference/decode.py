@@ -1,0 +1,35 @@
+"""Final latents of a batched job to 8-bit images, as the model's diffusers pipeline decodes them."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def sd_images(pipe, latents: torch.Tensor) -> list[np.ndarray]:
+    """Final SD latents to 8-bit RGB images, as the model's diffusers pipeline decodes them (SDXL's VAE
+    upcast to float32 when its config asks for it)."""
+    vae = pipe.vae
+    upcast = hasattr(pipe, "text_encoder_2") and vae.dtype == torch.float16 and vae.config.force_upcast
+    if upcast:
+        vae.to(torch.float32)
+    try:
+        latents = latents.to(vae.device, vae.dtype)
+        mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
+        if mean is not None and std is not None:
+            mean = torch.tensor(mean).view(1, -1, 1, 1).to(latents.device, latents.dtype)
+            std = torch.tensor(std).view(1, -1, 1, 1).to(latents.device, latents.dtype)
+            latents = latents * std / vae.config.scaling_factor + mean
+        else:
+            latents = latents / vae.config.scaling_factor
+        pixels = vae.decode(latents, return_dict=False)[0]
+    finally:
+        if upcast:
+            vae.to(torch.float16)
+    return to_uint8(pipe.image_processor.postprocess(pixels, output_type="np"))
+
+
+def to_uint8(images: np.ndarray) -> list[np.ndarray]:
+    """Float images in [0, 1] as 8-bit arrays, rounded as `generate.Pass.call` rounds them."""
+    as_bytes = np.clip(np.rint(images * 255.0), 0, 255).astype(np.uint8)
+    return [as_bytes[i] for i in range(as_bytes.shape[0])]
