@@ -198,3 +198,35 @@ def test_postprocess_and_overlap_benchmarks_run_on_cpu(capsys):
     report = json.loads(capsys.readouterr().out)
     for run in ("without_overlap", "with_overlap"):
         assert report[run]["jobs"] == 2 and report[run]["postprocess_seconds"] > 0
+
+
+def test_the_engine_post_processes_a_finished_job_beside_the_others(tiny_checkpoint, upscalers, tmp_path):
+    from horde_worker.inference.cancellation import Cancellations
+    from horde_worker.inference.engine import Engine
+    from horde_worker.inference.messages import GenerateResult, Progress, SamplingDone
+    from horde_worker.inference.runner import ModelRunner
+
+    runner = ModelRunner(SlotSpec(slot=0, device="cpu", log_dir=str(tmp_path)))  # overlap setting off
+    sent: list = []
+    cancels = Cancellations()
+    engine = Engine(runner, sent.append, cancels.reason, cancels.forget, max_jobs=2)
+    short = job_request(job_id="short", model_path=str(tiny_checkpoint), width=64, height=64, steps=2, seeds=[1],
+                        post_processing=[("RealESRGAN_x4plus", upscalers["x4"])])
+    long = job_request(job_id="long", model_path=str(tiny_checkpoint), width=64, height=64, steps=12, seeds=[2])
+    for request in (short, long):
+        cancels.admit(request.job_id)
+        engine.submit(request)
+    engine.iterate()
+    while engine.jobs:
+        engine.iterate()
+    runner.close()
+    kinds = [(type(m).__name__, m.job_id) for m in sent]
+    # The short job left the engine when its sampling ended; the long one went on stepping.
+    assert ("SamplingDone", "short") in kinds, kinds
+    assert kinds.index(("SamplingDone", "short")) < kinds.index(("GenerateResult", "long"))
+    steps_after = [m for m in sent[kinds.index(("SamplingDone", "short")):] if isinstance(m, Progress)
+                   and m.job_id == "long"]
+    assert steps_after
+    results = {m.job_id: m for m in sent if isinstance(m, GenerateResult)}
+    assert results["short"].images[0].shape == (256, 256, 3) and results["long"].images[0].shape == (64, 64, 3)
+    assert not [m for m in sent if isinstance(m, SamplingDone) and m.job_id == "long"]  # nothing to post-process

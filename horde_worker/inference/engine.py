@@ -176,7 +176,7 @@ class Engine:
                         self._join_batch(job, loaded)
                     return
             job.solo = engine_jobs.SoloJob(job.job_id, lambda pause, r=request: self.runner.generate(
-                r, self.send, lambda j=r.job_id: self.stopped(j), pause=pause))
+                r, self.send, lambda j=r.job_id: self.stopped(j), pause=pause, overlap=self._others_running))
             job.state = EngineState.SOLO
         except Exception as exc:
             logger.exception("job {} could not start", job.job_id)
@@ -299,7 +299,8 @@ class Engine:
                                 shared_with=len(job.shared_with - {job.job_id}), engine=self.figures())
         job.held.close()
         try:
-            delivered = runner.deliver(job.request, result, self.send, lambda j=job.job_id: self.stopped(j))
+            delivered = runner.deliver(job.request, result, self.send, lambda j=job.job_id: self.stopped(j),
+                                       True if self._others_running() else None)
         except JobCancelled as stop:
             self._fail(job, f"stopped: {stop.reason}")
             return
@@ -310,6 +311,11 @@ class Engine:
         if delivered is not None:
             self.send(delivered)
         self._end(job)
+
+    def _others_running(self) -> bool:
+        """More than one job in hand: a finished one is post-processed on the side thread, so that the others
+        keep stepping meanwhile."""
+        return len(self.jobs) > 1
 
     # --- ending --------------------------------------------------------------------------------
 

@@ -32,6 +32,7 @@ from horde_worker.inference.messages import (
 )
 from horde_worker.inference.process_guard import exit_soon, ignore_sigint, install_orphan_watchdog, parent_pid
 
+POST_THREAD = "postprocess"
 # Seconds between the supervisor's pipe closing and this process ending: its last log lines get out.
 EOF_GRACE = 0.2
 
@@ -83,7 +84,7 @@ class ModelRunner:
             use_cache_dir(spec.cache_home)
         self.postprocessors = None
         self.overlap = spec.post_process_overlap
-        self._post_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="postprocess")
+        self._post_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=POST_THREAD)
         self._post_free = threading.Semaphore(1)
 
     def device_name(self) -> str:
@@ -102,13 +103,15 @@ class ModelRunner:
         return Preloaded(message.model_name, seconds, self.residency.names(), error)
 
     def generate(self, request: GenerateRequest, send, stopped: Callable[[], str | None] = lambda: None,
-                 pause: Callable[[], None] | None = None) -> GenerateResult | None:
+                 pause: Callable[[], None] | None = None,
+                 overlap: Callable[[], bool] | None = None) -> GenerateResult | None:
         """Run one job and return its images; with overlap and post-processing to do, send SamplingDone,
         hand the rest to the post-processing thread (which sends the result) and return None.
 
         `stopped()` gives the reason once the job was cancelled: JobCancelled is then raised before
         sampling starts, at the next step boundary, or before post-processing. `pause()`, when given, is
-        called after each step (the engine lets other jobs step there)."""
+        called after each step (the engine lets other jobs step there); `overlap()`, when given, says at the
+        end of sampling whether to post-process on the side thread (else the setting decides)."""
         import torch
 
         from horde_worker.inference.generate import run_job
@@ -140,19 +143,19 @@ class ModelRunner:
             load_source=source,
             resident_bytes=self.residency.ram_bytes(),
         )
-        return self.deliver(request, result, send, stopped)
+        return self.deliver(request, result, send, stopped, overlap() if overlap is not None else None)
 
     def deliver(self, request: GenerateRequest, result: GenerateResult, send,
-                stopped: Callable[[], str | None] = lambda: None) -> GenerateResult | None:
-        """The sampled job's result, post-processed; with overlap, SamplingDone is sent now, the post-processing
-        thread sends the result, and None is returned."""
+                stopped: Callable[[], str | None] = lambda: None, overlap: bool | None = None) -> GenerateResult | None:
+        """The sampled job's result, post-processed; with overlap (`overlap`, else the setting), SamplingDone is
+        sent now, the post-processing thread sends the result, and None is returned."""
         if not request.post_processing:
             return result
         reason = stopped()
         if reason is not None:
             # Stopped during the last step or the decode: spare the post-processing too.
             raise JobCancelled(request.job_id, reason)
-        if not self.overlap:
+        if not (self.overlap if overlap is None else overlap):
             return self.post_process(request, result)
         # One job post-processes beside the sampling one at most: wait here (GPU slot still held) until
         # the previous one is done, so images do not pile up in memory when post-processing is slower.
@@ -188,7 +191,8 @@ class ModelRunner:
             self.postprocessors = PostProcessors(self.device, self.dtype)
         start = time.perf_counter()
         # On a GPU the side thread uses its own stream, so its kernels can run beside the sampler's.
-        stream = torch.cuda.Stream(self.device) if self.overlap and self.device.type == "cuda" else None
+        on_side_thread = threading.current_thread().name.startswith(POST_THREAD)
+        stream = torch.cuda.Stream(self.device) if on_side_thread and self.device.type == "cuda" else None
         with torch.inference_mode(), (torch.cuda.stream(stream) if stream is not None else nullcontext()):
             finished = [self.postprocessors.apply(img, request.post_processing, request.facefixer_strength,
                                                   request.extra.get("face_dir", "")) for img in result.images]
