@@ -63,11 +63,13 @@ def slot_specs(devices: list[str], settings: BridgeData, log_dir: Path) -> list[
 
     total_ram = psutil.virtual_memory().total
     ram_budget = max(0, total_ram - parse_amount(settings.ram_to_leave_free, total_ram))
+    keep_on_device, keep_in_ram = settings.memory_tier()
     return [SlotSpec(slot=index, device=device, log_dir=str(log_dir), ram_budget=ram_budget // len(devices),
                      post_process_overlap=settings.post_process_job_overlap,
                      vram_to_leave_free=settings.vram_to_leave_free, max_jobs=settings.max_threads,
                      compile_denoisers=settings.compile_denoisers, cache_home=settings.cache_home,
-                     flux_fp8_matmuls=settings.flux_fp8_matmuls)
+                     flux_fp8_matmuls=settings.flux_fp8_matmuls, keep_on_device=keep_on_device,
+                     keep_in_ram=keep_in_ram)
             for index, device in enumerate(devices)]
 
 

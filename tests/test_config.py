@@ -80,12 +80,13 @@ def test_env_overrides_file_and_cli_overrides_env(tmp_path):
 def test_unknown_and_not_yet_honoured_keys_are_reported(tmp_path):
     path = tmp_path / "bridgeData.yaml"
     path.write_text(yaml.safe_dump({"api_key": "k", "max_thread": 2, "allow_sdxl_controlnet": True,
-                                     "high_memory_mode": True, "post_process_job_overlap": True}))
+                                     "high_performance_mode": True, "high_memory_mode": True,
+                                     "post_process_job_overlap": True}))
     notices = load_config(path, environ={}).notices
     assert any("unknown key 'max_thread'" in n for n in notices)
     assert any(n.startswith("allow_sdxl_controlnet is set but not acted on yet") for n in notices)
-    assert any(n.startswith("high_memory_mode is set but not acted on yet") for n in notices)
-    assert not any("post_process_job_overlap" in n for n in notices)  # honoured now
+    assert any(n.startswith("high_performance_mode is set but not acted on yet") for n in notices)
+    assert not any("post_process_job_overlap" in n or "high_memory_mode" in n for n in notices)  # honoured now
 
 
 def test_empty_models_to_load_means_top_two():

@@ -145,3 +145,20 @@ def test_preload_does_not_evict_the_model_of_the_running_job(tmp_path, five_mode
         assert harness.run(five_models[0], "m0", "again").load_source == "resident"
     finally:
         harness.stop()
+
+
+def test_memory_settings_decide_which_unused_models_leave_the_device():
+    from horde_worker.config.bridge_data import BridgeData
+    from horde_worker.inference.residency import device_victim
+
+    assert BridgeData().memory_tier() == (False, True)  # the template's defaults: unload often, keep in RAM
+    assert BridgeData(unload_models_from_vram_often=False).memory_tier() == (True, True)
+    assert BridgeData(very_fast_disk_mode=True).memory_tier() == (False, False)
+    assert BridgeData(high_memory_mode=True, very_fast_disk_mode=True).memory_tier() == (True, True)
+    resident = ["old", "busy", "new"]  # least recently used first
+    # Keeping unused models: they leave only while the device is over its budget, least recent first.
+    assert device_victim(resident, {"busy"}, over_budget=False, keep_unused=True) is None
+    assert device_victim(resident, {"busy"}, over_budget=True, keep_unused=True) == "old"
+    # Unloading often: every model no job uses leaves, budget or not; a model in use never does.
+    assert device_victim(resident, {"busy"}, over_budget=False, keep_unused=False) == "old"
+    assert device_victim(["busy"], {"busy"}, over_budget=True, keep_unused=False) is None

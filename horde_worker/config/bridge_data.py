@@ -34,11 +34,8 @@ NOT_YET_HONOURED: dict[str, str] = {
     "allow_sdxl_controlnet": "the horde's reference has no SDXL ControlNet for the nine control types; the horde "
                              "is told this worker does no SDXL ControlNet",
     "purge_loras_on_download": "the LoRA cache is trimmed by max_lora_cache_size (least recently used first)",
-    "high_memory_mode": "memory modes are not built yet",
     "high_performance_mode": "performance modes are not built yet",
     "moderate_performance_mode": "performance modes are not built yet",
-    "unload_models_from_vram_often": "model residency options are not built yet",
-    "very_fast_disk_mode": "model residency options are not built yet",
 }
 
 _PERCENT_OR_MB = re.compile(r"^\s*(\d+(\.\d+)?)\s*(%|MB|GB)?\s*$", re.IGNORECASE)
@@ -130,6 +127,15 @@ class BridgeData(BaseModel):
     exit_on_unhandled_faults: bool = False
     stats_output_frequency: int = Field(30, ge=1)
     limited_console_messages: bool = False
+
+    def memory_tier(self) -> tuple[bool, bool]:
+        """(keep_on_device, keep_in_ram) for the inference processes, from the memory settings:
+        - unload_models_from_vram_often: only the models jobs are using stay on the GPU (the others wait in RAM);
+        - very_fast_disk_mode: a model leaving the GPU is dropped and read from disk when next needed (less RAM);
+        - high_memory_mode: keep everything the budgets allow, on the GPU and in RAM (overrides both)."""
+        if self.high_memory_mode:
+            return True, True
+        return not self.unload_models_from_vram_often, not self.very_fast_disk_mode
 
     @field_validator("models_to_load", "models_to_skip", "censorlist", "blacklist", "priority_usernames",
                      mode="before")

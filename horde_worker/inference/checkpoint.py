@@ -193,7 +193,8 @@ def inspect_checkpoint(state_dict: dict[str, torch.Tensor]) -> CheckpointInfo:
     return CheckpointInfo(baseline=baseline, ldm_config=ldm_config, prediction_type="epsilon")
 
 
-def build_unet(state_dict: dict[str, torch.Tensor], info: CheckpointInfo, sample_size: int = 512):
+def build_unet(state_dict: dict[str, torch.Tensor], info: CheckpointInfo, sample_size: int = 512,
+               dtype: torch.dtype | None = None):
     """Instantiate a diffusers UNet from an LDM state dict."""
     from diffusers import UNet2DConditionModel
     from diffusers.loaders import single_file_utils as sfu
@@ -209,11 +210,12 @@ def build_unet(state_dict: dict[str, torch.Tensor], info: CheckpointInfo, sample
         weights = sfu.convert_ldm_unet_checkpoint(state_dict, config)
     with skip_weight_init():
         unet = UNet2DConditionModel(**config)
-    _load_exact(unet, weights, "UNet")
+    _load_exact(unet, weights, "UNet", dtype)
     return unet
 
 
-def build_vae(state_dict: dict[str, torch.Tensor], info: CheckpointInfo, sample_size: int = 512):
+def build_vae(state_dict: dict[str, torch.Tensor], info: CheckpointInfo, sample_size: int = 512,
+              dtype: torch.dtype | None = None):
     """Instantiate a diffusers AutoencoderKL from an LDM state dict."""
     from diffusers import AutoencoderKL
     from diffusers.loaders import single_file_utils as sfu
@@ -224,11 +226,12 @@ def build_vae(state_dict: dict[str, torch.Tensor], info: CheckpointInfo, sample_
         weights = sfu.convert_ldm_vae_checkpoint(state_dict, config)
     with skip_weight_init():
         vae = AutoencoderKL(**config)
-    _load_exact(vae, weights, "VAE")
+    _load_exact(vae, weights, "VAE", dtype)
     return vae
 
 
-def build_clip_text_encoder(state_dict: dict[str, torch.Tensor], prefixes: tuple[str, ...] = CLIP_PREFIXES):
+def build_clip_text_encoder(state_dict: dict[str, torch.Tensor], prefixes: tuple[str, ...] = CLIP_PREFIXES,
+                            dtype: torch.dtype | None = None):
     """Instantiate a CLIP-L text encoder (SD1, SDXL's first) from an LDM state dict, dimensions read off the tensors."""
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -261,12 +264,12 @@ def build_clip_text_encoder(state_dict: dict[str, torch.Tensor], prefixes: tuple
     if not any(k.startswith("text_model.") for k in model.state_dict()):
         # transformers 5 names the tower's tensors without the `text_model.` level.
         weights = {k.removeprefix("text_model."): v for k, v in weights.items()}
-    _load_exact(model, weights, "text encoder")
+    _load_exact(model, weights, "text encoder", dtype)
     return model
 
 
 def build_open_clip_text_encoder(state_dict: dict[str, torch.Tensor], prefix: str, with_projection: bool,
-                                 drop_last_layer: bool):
+                                 drop_last_layer: bool, dtype: torch.dtype | None = None):
     """Instantiate an OpenCLIP text tower (SD2's ViT-H, SDXL's bigG) as a transformers CLIP text model.
 
     SD2 uses the penultimate layer's output, so its last block is dropped (`drop_last_layer`).
@@ -302,12 +305,18 @@ def build_open_clip_text_encoder(state_dict: dict[str, torch.Tensor], prefix: st
     if not any(k.startswith("text_model.") for k in model.state_dict()):
         weights = {k.removeprefix("text_model."): v for k, v in weights.items()}
     weights = {k: v for k, v in weights.items() if not k.endswith("position_ids")}
-    _load_exact(model, weights, "text encoder")
+    _load_exact(model, weights, "text encoder", dtype)
     return model
 
 
-def _load_exact(module: torch.nn.Module, weights: dict[str, torch.Tensor], what: str) -> None:
-    missing, unexpected = module.load_state_dict(weights, strict=False)
+def _load_exact(module: torch.nn.Module, weights: dict[str, torch.Tensor], what: str,
+                dtype: torch.dtype | None = None) -> None:
+    """Every weight of `module` from `weights`. With `dtype`, the tensors are converted to it and taken as the
+    module's own (no copy into the module's float32 storage, which was never touched: it is freed unfilled), so
+    a half-precision model never exists in float32."""
+    if dtype is not None:
+        weights = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in weights.items()}
+    missing, unexpected = module.load_state_dict(weights, strict=False, assign=dtype is not None)
     missing = [k for k in missing if not k.endswith("position_ids")]
     if missing:
         raise CheckpointError(f"{what} weights missing from the checkpoint: {missing[:5]} ({len(missing)} in all)")

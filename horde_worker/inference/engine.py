@@ -35,6 +35,18 @@ from horde_worker.inference.engine_scheduler import JobKind, Running, Waiting
 from horde_worker.inference.messages import GenerateFailed, GenerateRequest, GenerateResult, Progress, Shutdown
 
 
+def out_of_memory(error: BaseException) -> bool:
+    """A device (or host) allocation failure, whatever layer reported it."""
+    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower() \
+        or "can't allocate memory" in str(error).lower()
+
+
+def release_device_memory() -> None:
+    """Give the caching allocator's free blocks back, so that what runs next can use them."""
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 class EngineState(Enum):
     WAITING = "waiting"  # held, not started
     BATCHED = "batched"  # its sampler is in its model's step batch
@@ -59,6 +71,8 @@ class EngineJob:
     load_source: str = "resident"
     started_at: float = 0.0
     shared_with: set[str] = field(default_factory=set)
+    split: bool = False  # its group ran out of device memory together: it steps on its own from then on
+    retried_alone: bool = False  # it ran out of memory beside other jobs and was started again, alone
 
     @property
     def job_id(self) -> str:
@@ -133,7 +147,7 @@ class Engine:
 
     def _running(self) -> list[Running]:
         return [Running(j.job_id, j.request.model_name, JobKind.BATCHED if j.state is EngineState.BATCHED else j.kind,
-                        j.group, j.last_step)
+                        (*j.group, j.job_id) if j.split and j.group else j.group, j.last_step)
                 for j in self.jobs.values() if j.state is not EngineState.WAITING]
 
     def _take_messages(self, block: bool) -> None:
@@ -233,6 +247,9 @@ class Engine:
             self._fail(job, f"stopped: {job.solo.error.reason}")
         elif job.solo.error is not None:
             error = job.solo.error
+            if out_of_memory(error):
+                self._out_of_memory(job, error)
+                return
             logger.opt(exception=error).error("job {} failed", job.job_id)
             self._fail(job, f"{type(error).__name__}: {error}")
         else:
@@ -247,6 +264,16 @@ class Engine:
             with torch.inference_mode():
                 finished = batch.step(only=ids)
         except Exception as exc:  # the shared forward failed: every job in it fails, the others go on
+            if out_of_memory(exc):
+                release_device_memory()
+                if len(jobs) > 1:
+                    logger.warning("jobs {} ran out of device memory together; each steps on its own now", ids)
+                    for job in jobs:
+                        job.split = True
+                else:
+                    batch.remove(jobs[0].job_id)
+                    self._out_of_memory(jobs[0], exc)
+                return
             logger.exception("a batched step of {} failed", ids)
             for job in jobs:
                 batch.remove(job.job_id)
@@ -271,6 +298,7 @@ class Engine:
                                  jobs[job_id].request.height), []).append(job_id)
         pipe = batch.model.pipeline
         for (_shape, width, height), job_ids in by_shape.items():
+            images = None
             try:
                 stacked = torch.cat([latents[j] for j in job_ids])
                 with torch.inference_mode():
@@ -279,16 +307,59 @@ class Engine:
                     else:
                         images = decode.sd_images(pipe, stacked)
             except Exception as exc:
-                logger.exception("decoding {} failed", job_ids)
-                for job_id in job_ids:
-                    self._fail(jobs[job_id], f"decoding: {type(exc).__name__}: {exc}")
-                continue
+                if out_of_memory(exc):
+                    release_device_memory()
+                    images = self._decode_tiled(batch, stacked, width, height)
+                if images is None:
+                    logger.exception("decoding {} failed", job_ids)
+                    for job_id in job_ids:
+                        self._fail(jobs[job_id], f"decoding: {type(exc).__name__}: {exc}")
+                    continue
             start = 0
             for job_id in job_ids:
                 job = jobs[job_id]
                 count = len(job.request.seeds)
                 self._answer_batched(job, images[start:start + count])
                 start += count
+
+    def _decode_tiled(self, batch, latents: torch.Tensor, width: int, height: int) -> list | None:
+        """The decode again in tiles, one image at a time (after running out of memory); None if that fails too."""
+        from horde_worker.inference import flux_batch
+
+        pipe = batch.model.pipeline
+        vae = pipe.vae
+        try:
+            vae.enable_tiling()
+            images = []
+            with torch.inference_mode():
+                for row in range(latents.shape[0]):
+                    one = latents[row:row + 1]
+                    images += (flux_batch.decode(pipe, one, width, height) if batch.model.baseline == "flux_1"
+                               else decode.sd_images(pipe, one))
+            logger.warning("decoded {} image(s) in tiles after running out of device memory", len(images))
+            return images
+        except Exception:
+            logger.exception("the tiled decode failed too")
+            return None
+        finally:
+            vae.disable_tiling()
+
+    def _out_of_memory(self, job: EngineJob, error: BaseException) -> None:
+        """A job that ran out of device memory: started again alone once if it had company, else faulted."""
+        release_device_memory()
+        request = job.request
+        if not job.retried_alone and len(self.jobs) > 1:
+            logger.warning("job {} ran out of device memory beside {} other job(s); it starts again alone",
+                           job.job_id, len(self.jobs) - 1)
+            job.held.close()
+            job.held = contextlib.ExitStack()
+            job.state, job.kind, job.retried_alone, job.split = EngineState.WAITING, JobKind.EXCLUSIVE, True, False
+            job.batched = job.solo = job.pass_ = None
+            job.group, job.last_step, job.shared_with = None, -1, set()
+            return
+        logger.error("job {} ran out of device memory: {}", job.job_id, error)
+        self._fail(job, f"out of device memory for {request.width}x{request.height} with {len(request.seeds)} "
+                        f"image(s) on this GPU, even alone ({type(error).__name__})")
 
     def _answer_batched(self, job: EngineJob, images: list) -> None:
         runner = self.runner

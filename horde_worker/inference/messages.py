@@ -26,6 +26,9 @@ class SlotSpec:
     # compile_denoisers ("auto" | "on" | "off" | "cudagraphs") and where compiled graphs are cached.
     compile_denoisers: str = "off"
     flux_fp8_matmuls: bool = False
+    # Memory settings (`residency.memory_tier`): unused models stay on the device / in RAM.
+    keep_on_device: bool = True
+    keep_in_ram: bool = True
     cache_home: str = ""
     # post_process_job_overlap: post-process a job on a side thread while the next job samples.
     post_process_overlap: bool = False

@@ -114,23 +114,26 @@ def _load_single_file(path: Path, v_prediction: bool, dtype: torch.dtype):
     config = scheduler_config(info.baseline)
     config["prediction_type"] = info.prediction_type
     scheduler = EulerDiscreteScheduler.from_config(config)
-    unet = checkpoint.build_unet(state_dict, info)
-    vae = checkpoint.build_vae(state_dict, info)
+    # Built straight in the run's precision: a half-precision model never exists in float32 on the way.
+    unet = checkpoint.build_unet(state_dict, info, dtype=dtype)
+    vae = checkpoint.build_vae(state_dict, info, dtype=dtype)
     if info.baseline == "stable_diffusion_xl":
         pipe = StableDiffusionXLPipeline(
             vae=vae, unet=unet, scheduler=scheduler,
-            text_encoder=checkpoint.build_clip_text_encoder(state_dict, ("conditioner.embedders.0.transformer.",)),
+            text_encoder=checkpoint.build_clip_text_encoder(state_dict, ("conditioner.embedders.0.transformer.",),
+                                                            dtype=dtype),
             text_encoder_2=checkpoint.build_open_clip_text_encoder(
-                state_dict, "conditioner.embedders.1.model.", with_projection=True, drop_last_layer=False),
+                state_dict, "conditioner.embedders.1.model.", with_projection=True, drop_last_layer=False,
+                dtype=dtype),
             tokenizer=clip_tokenizer(), tokenizer_2=clip_tokenizer("!"),
         )
     else:
         if info.baseline == "stable_diffusion_2":
             text_encoder = checkpoint.build_open_clip_text_encoder(
-                state_dict, "cond_stage_model.model.", with_projection=False, drop_last_layer=True)
+                state_dict, "cond_stage_model.model.", with_projection=False, drop_last_layer=True, dtype=dtype)
             tokenizer = clip_tokenizer("!")
         else:
-            text_encoder, tokenizer = checkpoint.build_clip_text_encoder(state_dict), clip_tokenizer()
+            text_encoder, tokenizer = checkpoint.build_clip_text_encoder(state_dict, dtype=dtype), clip_tokenizer()
         pipe = StableDiffusionPipeline(
             vae=vae, unet=unet, scheduler=scheduler, tokenizer=tokenizer, text_encoder=text_encoder,
             safety_checker=None, feature_extractor=None, requires_safety_checker=False,

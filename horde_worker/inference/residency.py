@@ -54,6 +54,15 @@ def release_memory(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
+def device_victim(on_device: list[str], keep: set[str], over_budget: bool, keep_unused: bool) -> str | None:
+    """The model to take off the device next (least recently used first; never one in use or kept), or None.
+    With `keep_unused`, models leave only while the device is over its budget; without, every model not in use
+    leaves."""
+    if keep_unused and not over_budget:
+        return None
+    return next((name for name in on_device if name not in keep), None)
+
+
 class Residency:
     """Model placement for one inference process.
 
@@ -64,8 +73,10 @@ class Residency:
     """
 
     def __init__(self, device: torch.device, dtype: torch.dtype, ram_budget: int | None, device_budget: int | None,
-                 fp8_matmuls: bool = False):
+                 fp8_matmuls: bool = False, keep_on_device: bool = True, keep_in_ram: bool = True):
         self.device = device
+        # The volunteer's memory settings (see `BridgeData.memory_tier`): models not in use stay on the device / in RAM.
+        self.keep_on_device, self.keep_in_ram = keep_on_device, keep_in_ram
         self.fp8_matmuls = fp8_matmuls  # Flux's fp8 blocks multiply in fp8 where the device can (inference/fp8.py)
         self.dtype = dtype
         self.ram_budget = ram_budget
@@ -197,9 +208,8 @@ class Residency:
                 over = self.ram_budget is not None and self.ram_bytes() + incoming > self.ram_budget
             else:
                 over = budget is not None and used + incoming > budget
-            if not over:
-                return
-            victim = next((n for n in self.on_device if n not in keep and n not in self._pinned), None)
+            victim = device_victim(list(self.on_device), keep | set(self._pinned), over,
+                                   self.keep_on_device or limit_models)
             if victim is None:
                 return
             model = self.on_device.pop(victim)
@@ -207,7 +217,8 @@ class Residency:
                 self._drop(victim, model)
                 continue
             move(model, "cpu")
-            if self.ram_budget is None or self.ram_bytes() + self.sizes[victim] <= self.ram_budget:
+            fits_ram = self.ram_budget is None or self.ram_bytes() + self.sizes[victim] <= self.ram_budget
+            if self.keep_in_ram and fits_ram:
                 self.in_ram[victim] = model
                 logger.debug("{} moved from the device to RAM", victim)
             else:

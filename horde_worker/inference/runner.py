@@ -76,7 +76,8 @@ class ModelRunner:
             total = torch.cuda.get_device_properties(self.device).total_memory
             device_budget = max(0, total - parse_amount(spec.vram_to_leave_free, total))
         self.residency = Residency(self.device, self.dtype, spec.ram_budget, device_budget,
-                                   fp8_matmuls=spec.flux_fp8_matmuls)
+                                   fp8_matmuls=spec.flux_fp8_matmuls, keep_on_device=spec.keep_on_device,
+                                   keep_in_ram=spec.keep_in_ram)
         self.compile_mode = compile_mode(spec.compile_denoisers, self.device.type)
         if self.compile_mode is not None and spec.cache_home:
             from horde_worker.inference.compiled import use_cache_dir
