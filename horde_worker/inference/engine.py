@@ -35,18 +35,6 @@ from horde_worker.inference.engine_scheduler import JobKind, Running, Waiting
 from horde_worker.inference.messages import GenerateFailed, GenerateRequest, GenerateResult, Progress, Shutdown
 
 
-def out_of_memory(error: BaseException) -> bool:
-    """A device (or host) allocation failure, whatever layer reported it."""
-    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower() \
-        or "can't allocate memory" in str(error).lower()
-
-
-def release_device_memory() -> None:
-    """Give the caching allocator's free blocks back, so that what runs next can use them."""
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
 class EngineState(Enum):
     WAITING = "waiting"  # held, not started
     BATCHED = "batched"  # its sampler is in its model's step batch
@@ -247,7 +235,7 @@ class Engine:
             self._fail(job, f"stopped: {job.solo.error.reason}")
         elif job.solo.error is not None:
             error = job.solo.error
-            if out_of_memory(error):
+            if engine_jobs.out_of_memory(error):
                 self._out_of_memory(job, error)
                 return
             logger.opt(exception=error).error("job {} failed", job.job_id)
@@ -264,8 +252,8 @@ class Engine:
             with torch.inference_mode():
                 finished = batch.step(only=ids)
         except Exception as exc:  # the shared forward failed: every job in it fails, the others go on
-            if out_of_memory(exc):
-                release_device_memory()
+            if engine_jobs.out_of_memory(exc):
+                engine_jobs.release_device_memory()
                 if len(jobs) > 1:
                     logger.warning("jobs {} ran out of device memory together; each steps on its own now", ids)
                     for job in jobs:
@@ -290,7 +278,6 @@ class Engine:
 
     def _finish_batched(self, batch, jobs: dict[str, EngineJob], latents: dict[str, torch.Tensor]) -> None:
         """Decode the finished jobs (one VAE call per latent shape), then answer each."""
-        from horde_worker.inference import flux_batch
 
         by_shape: dict[tuple, list[str]] = {}
         for job_id, latent in latents.items():
@@ -303,13 +290,13 @@ class Engine:
                 stacked = torch.cat([latents[j] for j in job_ids])
                 with torch.inference_mode():
                     if batch.model.baseline == "flux_1":
-                        images = flux_batch.decode(pipe, stacked, width, height)
+                        images = decode.flux_images(pipe, stacked, width, height)
                     else:
                         images = decode.sd_images(pipe, stacked)
             except Exception as exc:
-                if out_of_memory(exc):
-                    release_device_memory()
-                    images = self._decode_tiled(batch, stacked, width, height)
+                if engine_jobs.out_of_memory(exc):
+                    engine_jobs.release_device_memory()
+                    images = decode.one_by_one_in_tiles(batch.model, stacked, width, height)
                 if images is None:
                     logger.exception("decoding {} failed", job_ids)
                     for job_id in job_ids:
@@ -322,31 +309,9 @@ class Engine:
                 self._answer_batched(job, images[start:start + count])
                 start += count
 
-    def _decode_tiled(self, batch, latents: torch.Tensor, width: int, height: int) -> list | None:
-        """The decode again in tiles, one image at a time (after running out of memory); None if that fails too."""
-        from horde_worker.inference import flux_batch
-
-        pipe = batch.model.pipeline
-        vae = pipe.vae
-        try:
-            vae.enable_tiling()
-            images = []
-            with torch.inference_mode():
-                for row in range(latents.shape[0]):
-                    one = latents[row:row + 1]
-                    images += (flux_batch.decode(pipe, one, width, height) if batch.model.baseline == "flux_1"
-                               else decode.sd_images(pipe, one))
-            logger.warning("decoded {} image(s) in tiles after running out of device memory", len(images))
-            return images
-        except Exception:
-            logger.exception("the tiled decode failed too")
-            return None
-        finally:
-            vae.disable_tiling()
-
     def _out_of_memory(self, job: EngineJob, error: BaseException) -> None:
         """A job that ran out of device memory: started again alone once if it had company, else faulted."""
-        release_device_memory()
+        engine_jobs.release_device_memory()
         request = job.request
         if not job.retried_alone and len(self.jobs) > 1:
             logger.warning("job {} ran out of device memory beside {} other job(s); it starts again alone",

@@ -9,6 +9,8 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+import torch
+
 from horde_worker.inference.engine_scheduler import JobKind
 from horde_worker.inference.messages import GenerateRequest
 
@@ -46,6 +48,18 @@ def batchable(request: GenerateRequest, model) -> bool:
     unet = getattr(model.pipeline, "unet", None)
     return (spec.algorithm is not None and spec.algorithm != "dpm_adaptive" and unet is not None
             and unet.config.in_channels == 4)
+
+
+def out_of_memory(error: BaseException) -> bool:
+    """A device (or host) allocation failure, whatever layer reported it."""
+    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower() \
+        or "can't allocate memory" in str(error).lower()
+
+
+def release_device_memory() -> None:
+    """Give the caching allocator's free blocks back, so that what runs next can use them."""
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 class SoloJob:

@@ -8,12 +8,10 @@ from __future__ import annotations
 from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
 from horde_worker.inference import flux
 from horde_worker.inference.conditioning import plain_text
-from horde_worker.inference.decode import to_uint8
 
 # The conditioning a step batch stacks per row (image ids and text ids are shared by the group).
 ROW_INPUTS = ("encoder_hidden_states", "pooled_projections", "guidance")
@@ -100,12 +98,3 @@ def transformer_denoiser(pipe):
         return transformer(hidden_states=hidden_states, timestep=timesteps, return_dict=False, **conditioning)[0]
 
     return denoise
-
-
-def decode(pipe, latents: torch.Tensor, width: int, height: int) -> list[np.ndarray]:
-    """Final packed latents to 8-bit RGB images, as the Flux pipeline decodes them."""
-    vae = pipe.vae
-    unpacked = pipe._unpack_latents(latents, height, width, pipe.vae_scale_factor)
-    unpacked = (unpacked / vae.config.scaling_factor) + vae.config.shift_factor
-    pixels = vae.decode(unpacked.to(next(vae.parameters()).device), return_dict=False)[0]
-    return to_uint8(pipe.image_processor.postprocess(pixels, output_type="np"))
