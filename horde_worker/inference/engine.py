@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from loguru import logger
 
-from horde_worker.inference import decode, engine_jobs, engine_scheduler
+from horde_worker.inference import decode, engine_jobs, engine_scheduler, vram
 from horde_worker.inference.cancellation import JobCancelled
 from horde_worker.inference.engine_scheduler import JobKind, Running, Waiting
 from horde_worker.inference.messages import GenerateFailed, GenerateRequest, GenerateResult, Progress, Shutdown
@@ -171,8 +171,9 @@ class Engine:
         try:
             if job.kind is not JobKind.EXCLUSIVE:
                 # Pinned for the job's whole run, so that nothing evicts it between two of its steps.
+                need = vram.job_need(request.baseline, request.width, request.height, len(request.seeds))
                 loaded, job.load_source, job.load_seconds = job.held.enter_context(
-                    self.runner.residency.using(request.model_name, request.model_path, request.v_prediction))
+                    self.runner.residency.using(request.model_name, request.model_path, request.v_prediction, need))
                 if engine_jobs.batchable(request, loaded):
                     with torch.inference_mode():
                         self._join_batch(job, loaded)

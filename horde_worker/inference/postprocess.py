@@ -10,6 +10,7 @@ worker does not have is skipped and the image says so in gen_metadata.
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +31,31 @@ class PostProcessors:
         self._models: dict[str, object] = {}
         self._face_fixer = None
         self._background = None
+        self._in_use = threading.Lock()
+
+    def device_bytes(self) -> int:
+        """Bytes of the post-processing models held on the device (the background remover runs on the CPU)."""
+        from horde_worker.inference.vram import tensors_bytes
+
+        modules = [d.model for d in self._models.values()]
+        if self._face_fixer is not None:
+            modules += [d.model for d in self._face_fixer._restorers.values()]
+            helper = self._face_fixer.helper
+            modules += [m for m in (getattr(helper, "face_det", None), getattr(helper, "face_parse", None))
+                        if isinstance(m, torch.nn.Module)]
+        return tensors_bytes(modules) if self.device.type != "cpu" else 0
+
+    def release(self) -> bool:
+        """Drop every model (loaded again when next needed); False, and nothing dropped, while one is in use."""
+        if not self._in_use.acquire(blocking=False):
+            return False
+        try:
+            self._models, self._face_fixer = {}, None
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            return True
+        finally:
+            self._in_use.release()
 
     def model(self, path: str):
         if path not in self._models:
@@ -52,6 +78,11 @@ class PostProcessors:
     def apply(self, image: np.ndarray, steps: list[tuple[str, str]], facefixer_strength: float | None = None,
               face_dir: str = "") -> tuple[np.ndarray, list[Note]]:
         """Run each post-processor in turn on an HxWx3 (or x4 once the background is gone) uint8 image."""
+        with self._in_use:
+            return self._apply(image, steps, facefixer_strength, face_dir)
+
+    def _apply(self, image: np.ndarray, steps: list[tuple[str, str]], facefixer_strength: float | None,
+               face_dir: str) -> tuple[np.ndarray, list[Note]]:
         notes: list[Note] = []
         for name, path in steps:
             if not path:

@@ -15,7 +15,7 @@ import sys
 import threading
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from pathlib import Path
 
@@ -26,13 +26,10 @@ from horde_worker.inference.pipelines import LoadedModel, load_pipeline
 
 
 def pipeline_bytes(model: LoadedModel) -> int:
-    """Bytes of weights and buffers of every torch module in the pipeline."""
-    total = 0
-    for component in model.pipeline.components.values():
-        if isinstance(component, torch.nn.Module):
-            for tensor in (*component.parameters(), *component.buffers()):
-                total += tensor.numel() * tensor.element_size()
-    return total
+    """Bytes of the model's weights and buffers: its pipeline's modules and the ControlNets built for it."""
+    from horde_worker.inference.vram import model_bytes
+
+    return model_bytes(model)
 
 
 def move(model: LoadedModel, device: torch.device | str) -> None:
@@ -84,6 +81,8 @@ class Residency:
         self.on_device: OrderedDict[str, LoadedModel] = OrderedDict()
         self.in_ram: OrderedDict[str, LoadedModel] = OrderedDict()
         self.sizes: dict[str, int] = {}
+        # Other things on the device (post-processing models, ...): name -> (bytes, how to free them).
+        self.extras: dict[str, tuple[int, Callable[[], bool]]] = {}
         self._lock = threading.RLock()
         self._loading: dict[str, Future] = {}
         self._pinned: Counter[str] = Counter()
@@ -154,9 +153,11 @@ class Residency:
             return 0.0
         return time.perf_counter() - start
 
-    def acquire(self, name: str, path: str, v_prediction: bool = False) -> tuple[LoadedModel, str, float]:
-        """The model on the device, ready to run: (model, where it came from, seconds spent). It is pinned
-        while this runs; `using` keeps it pinned for as long as the job needs it."""
+    def acquire(self, name: str, path: str, v_prediction: bool = False,
+                need: int = 0) -> tuple[LoadedModel, str, float]:
+        """The model on the device, ready to run: (model, where it came from, seconds spent), with `need` more
+        bytes (the job's activations) made free beside it where the budget allows. It is pinned while this runs;
+        `using` keeps it pinned for as long as the job needs it."""
         start = time.perf_counter()
         source = None
         with self._lock:
@@ -166,10 +167,13 @@ class Residency:
                 with self._lock:
                     if name in self.on_device:
                         self.on_device.move_to_end(name)
+                        self.sizes[name] = pipeline_bytes(self.on_device[name])  # ControlNets may have joined it
+                        if need and not self.on_cpu:
+                            self.make_room(need, keep={name})
                         return self.on_device[name], source or "resident", time.perf_counter() - start
                     if name in self.in_ram:
                         model = self.in_ram.pop(name)
-                        self._fit_device(self.sizes[name], keep={name})
+                        self._fit_device(self.sizes[name] + (0 if self.on_cpu else need), keep={name})
                         if not self.on_cpu:
                             move(model, self.device)
                         self.on_device[name] = model
@@ -181,12 +185,13 @@ class Residency:
             self._unpin(name)
 
     @contextlib.contextmanager
-    def using(self, name: str, path: str, v_prediction: bool = False) -> Iterator[tuple[LoadedModel, str, float]]:
+    def using(self, name: str, path: str, v_prediction: bool = False,
+              need: int = 0) -> Iterator[tuple[LoadedModel, str, float]]:
         """`acquire` for the duration of the block: the model cannot be evicted (by a preload, say) while it runs."""
         with self._lock:
             self._pinned[name] += 1
         try:
-            yield self.acquire(name, path, v_prediction)
+            yield self.acquire(name, path, v_prediction, need)
         finally:
             self._unpin(name)
 
@@ -198,12 +203,48 @@ class Residency:
 
     # --- budgets -------------------------------------------------------------------------------
 
+    def account_extra(self, name: str, size: int, release: Callable[[], bool]) -> None:
+        """Count something else this process keeps on the device; `release()` frees it when room is needed
+        (False: it is in use right now and stays)."""
+        with self._lock:
+            if size > 0:
+                self.extras[name] = (size, release)
+            else:
+                self.extras.pop(name, None)
+
+    def make_room(self, need: int, keep: set[str] | frozenset[str] = frozenset()) -> None:
+        """Free `need` bytes on the device beside what is counted: extras first, then models not in use."""
+        with self._lock:
+            self._fit_device(need, keep=set(keep))
+
+    def device_bytes(self) -> int:
+        """What is counted on the device: resident models and the extras."""
+        with self._lock:
+            return sum(self.sizes.get(n, 0) for n in self.on_device) + sum(s for s, _ in self.extras.values())
+
+    def _release_extras(self, short: int) -> int:
+        """Free extras until `short` bytes are freed (or none is left that can go); returns the bytes freed."""
+        freed = 0
+        for name, (size, release) in list(self.extras.items()):
+            if freed >= short:
+                break
+            if release():
+                del self.extras[name]
+                freed += size
+                logger.debug("{} freed from the device ({} MB)", name, size // 2**20)
+        return freed
+
     def _fit_device(self, incoming: int, keep: set[str]) -> None:
         """Make room on the device: least recently used models move to RAM (or are dropped)."""
         budget = self.device_budget
+        limit_models = self.on_cpu  # on a CPU, "device" and RAM are the same memory
+        if budget is not None and self.extras:
+            # Post-processing models and other extras go first: they are small and quick to bring back.
+            short = self.device_bytes() + incoming - budget
+            if short > 0:
+                self._release_extras(short)
         while self.on_device:
-            used = sum(self.sizes[n] for n in self.on_device)
-            limit_models = self.on_cpu  # on a CPU, "device" and RAM are the same memory
+            used = self.device_bytes()
             if limit_models:
                 over = self.ram_budget is not None and self.ram_bytes() + incoming > self.ram_budget
             else:

@@ -128,7 +128,10 @@ class ModelRunner:
             if pause is not None:
                 pause()
 
-        with self.residency.using(request.model_name, request.model_path, request.v_prediction) as held:
+        from horde_worker.inference.vram import job_need
+
+        need = job_need(request.baseline, request.width, request.height, len(request.seeds))
+        with self.residency.using(request.model_name, request.model_path, request.v_prediction, need) as held:
             loaded, source, load_seconds = held
             stop_if_cancelled()
             start = time.perf_counter()
@@ -199,6 +202,8 @@ class ModelRunner:
                                                   request.extra.get("face_dir", "")) for img in result.images]
             if stream is not None:
                 stream.synchronize()
+        self.residency.account_extra("post-processors", self.postprocessors.device_bytes(),
+                                     self.postprocessors.release)
         notes = [*result.notes, *dict.fromkeys(note for _, notes in finished for note in notes)]
         return replace(result, images=[image for image, _ in finished], notes=notes,
                        postprocess_seconds=time.perf_counter() - start, resident_models=self.residency.names())

@@ -1,0 +1,53 @@
+"""What the inference process puts on its device, counted: model weights (pipelines and the ControlNets built
+for them), the post-processing models, and the activations a job of a given size will need.
+
+Weights are counted from the tensors themselves (each storage once, however many modules share it).
+Activations are estimated per baseline from the peaks measured on an H100 with full-size weights
+(docs/benchmarks.md): SD1.5 peaked 1.1 GiB above its fp16 weights on 512²–640² jobs of up to 2 images,
+SDXL 4.6 GiB above them at 1024² (most of it the float32 VAE decode). The figures scale with the latent
+pixels and the denoiser's rows; they are deliberately on the high side, since a job that does not fit
+costs a retry.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+# Bytes per latent pixel per denoiser row (a CFG pair is two rows), at half precision.
+DENOISE_BYTES_PER_LATENT_PIXEL = {"stable_diffusion_1": 40_000, "stable_diffusion_2": 40_000,
+                                  "stable_diffusion_xl": 60_000, "flux_1": 90_000}
+# Bytes per image pixel for the VAE decode of one image (SDXL's decodes in float32).
+DECODE_BYTES_PER_PIXEL = {"stable_diffusion_1": 1_500, "stable_diffusion_2": 1_500,
+                          "stable_diffusion_xl": 3_200, "flux_1": 3_200}
+
+
+def tensors_bytes(modules: Iterable[torch.nn.Module]) -> int:
+    """Bytes of every parameter and buffer of `modules`, each storage counted once."""
+    seen: set[tuple[str, int]] = set()
+    total = 0
+    for module in modules:
+        for tensor in (*module.parameters(), *module.buffers()):
+            storage = tensor.untyped_storage()
+            key = (str(tensor.device), storage.data_ptr())
+            if key in seen or tensor.device.type == "meta":
+                continue
+            seen.add(key)
+            total += storage.nbytes()
+    return total
+
+
+def model_bytes(model) -> int:
+    """A loaded model's weights: its pipeline's modules and the ControlNets built for it."""
+    modules = [c for c in model.pipeline.components.values() if isinstance(c, torch.nn.Module)]
+    return tensors_bytes([*modules, *model.controlnets.values()])
+
+
+def job_need(baseline: str, width: int, height: int, images: int, guidance_pairs: bool = True) -> int:
+    """Estimated peak bytes of activations for a job: the denoiser forward over its rows, then one decode."""
+    latent_pixels = (width // 8) * (height // 8)
+    rows = images * (2 if guidance_pairs else 1)
+    denoise = DENOISE_BYTES_PER_LATENT_PIXEL.get(baseline, 60_000) * latent_pixels * rows
+    decode = DECODE_BYTES_PER_PIXEL.get(baseline, 3_200) * width * height
+    return denoise + decode
