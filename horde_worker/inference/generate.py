@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from horde_worker.inference import flux, hires
+from horde_worker.inference import decode, flux, hires
 from horde_worker.inference import sources as sources_mod
 from horde_worker.inference.conditioning import encode_prompts, plain_text
 from horde_worker.inference.kscheduler import IMAGE_PIPELINE_STRENGTH, KScheduler
@@ -210,10 +210,11 @@ class Pass:
             pipeline.scheduler = own_scheduler  # the model's pipeline keeps no state of this job
 
     def call(self, pipeline, steps: int, denoise: float | None = None, **kwargs) -> list[np.ndarray]:
-        """`sample`, as 8-bit RGB images."""
-        output = self.sample(pipeline, steps, denoise, **kwargs)
-        images = np.clip(np.rint(output.images * 255.0), 0, 255).astype(np.uint8)
-        return [images[i] for i in range(len(self.request.seeds))]
+        """`sample`, as 8-bit RGB images (decoded here, in the VAE's own precision: see `pipelines.vae_dtype`)."""
+        latents = self.sample(pipeline, steps, denoise, output_type="latent", **kwargs).images
+        if self.is_flux:
+            return decode.flux_images(pipeline, latents, kwargs["width"], kwargs["height"])
+        return decode.sd_images(pipeline, latents)
 
     def start_latents(self, pipeline, scheduler: KScheduler, width: int, height: int) -> torch.Tensor:
         """The seeds' start noise in the pipeline's latent shape and precision (the scheduler keeps its

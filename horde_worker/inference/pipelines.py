@@ -68,6 +68,8 @@ def load_pipeline(path: Path, device: torch.device, dtype: torch.dtype, name: st
         move_keeping_fp8(pipe, device, dtype)
     else:
         pipe = pipe.to(device=device, dtype=dtype)
+    if device.type == "cuda":
+        run_vae_in(pipe.vae, vae_dtype(device, dtype))
     for component in pipe.components.values():
         if isinstance(component, torch.nn.Module):
             # Modules built from a config start in training mode: their dropout would make every image random.
@@ -140,6 +142,46 @@ def _load_single_file(path: Path, v_prediction: bool, dtype: torch.dtype):
         )
     del state_dict
     return pipe, info.baseline, False
+
+
+def vae_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
+    """The VAE's precision on `device`, as the reference runs it: bf16 on NVIDIA GPUs of compute capability 8+
+    (Ampere and later), float32 on older ones (fp16 overflows SDXL's VAE); on a CPU, the run's own."""
+    if device.type != "cuda":
+        return dtype
+    major, _minor = torch.cuda.get_device_capability(device)
+    return torch.bfloat16 if major >= 8 and torch.cuda.is_bf16_supported() else torch.float32
+
+
+def run_vae_in(vae, dtype: torch.dtype) -> None:
+    """Keep the VAE's weights in `dtype` and let it take and give tensors of any precision: its inputs are cast
+    to `dtype`, its outputs back to the input's precision (the pipelines hand it their own)."""
+    vae.to(dtype=dtype)
+    if getattr(vae, "_runs_in", None) is not None:
+        vae._runs_in = dtype
+        return
+    vae._runs_in = dtype
+    encode, decode = vae.encode, vae.decode
+
+    def encode_in(x: torch.Tensor, *args, **kwargs):
+        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+        output = encode(x.to(vae._runs_in), *args, **kwargs)
+        dist = output[0] if isinstance(output, tuple) else output.latent_dist
+        back = DiagonalGaussianDistribution(dist.parameters.to(x.dtype), deterministic=dist.deterministic)
+        if isinstance(output, tuple):
+            return (back, *output[1:])
+        output.latent_dist = back
+        return output
+
+    def decode_in(z: torch.Tensor, *args, **kwargs):
+        output = decode(z.to(vae._runs_in), *args, **kwargs)
+        if isinstance(output, tuple):
+            return (output[0].to(z.dtype), *output[1:])
+        output.sample = output.sample.to(z.dtype)
+        return output
+
+    vae.encode, vae.decode = encode_in, decode_in
 
 
 SPEEDUPS = ("channels_last", "fuse_qkv")

@@ -106,6 +106,11 @@ class Residency:
     def _read(self, name: str, path: str, v_prediction: bool) -> LoadedModel:
         target = self.device if self.on_cpu else torch.device("cpu")
         model = load_pipeline(Path(path), target, self.dtype, name=name, v_prediction=v_prediction)
+        if not self.on_cpu:
+            from horde_worker.inference.pipelines import run_vae_in, vae_dtype
+
+            # Read into RAM for a GPU: the VAE takes the precision it will run in there.
+            run_vae_in(model.pipeline.vae, vae_dtype(self.device, self.dtype))
         if self.fp8_matmuls and "transformer" in getattr(model.pipeline, "fp8_parts", ()):
             from horde_worker.inference import fp8
 
