@@ -53,6 +53,8 @@ def test_a_bf16_vae_beside_a_float32_pipeline_serves_every_job(tmp_path, baselin
         assert got.shape == expected.shape == (128, 128, 3), name
         difference = np.abs(got - expected)
         assert difference.mean() < 3 and difference.max() < 40, (name, difference.mean(), difference.max())
+        # The job's own pipelines left the shared modules as they were.
+        assert narrow.pipeline.vae.dtype == torch.bfloat16 and narrow.pipeline.unet.dtype == torch.float32
 
 
 def test_the_vae_precision_follows_the_device():

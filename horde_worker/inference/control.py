@@ -216,9 +216,8 @@ def run(pass_, sources: sources_mod.Sources) -> list[np.ndarray]:
         cmap = control_map(request.control_type, sources.image, annotators, device)
     if request.return_control_map:
         return [np.asarray(cmap.convert("RGB"))] * count
-    from diffusers import AutoPipelineForText2Image
+    from horde_worker.inference.pipelines import derived_pipeline
 
     controlnet = pass_.model.controlnets[request.control_model_path]
-    pipeline = AutoPipelineForText2Image.from_pipe(pass_.pipe, controlnet=controlnet)
-    pipeline.set_progress_bar_config(disable=True)
+    pipeline = derived_pipeline(pass_.pipe, "controlnet", controlnet=controlnet)
     return pass_.call(pipeline, request.steps, image=[cmap] * count, width=request.width, height=request.height)

@@ -6,6 +6,7 @@ import numpy as np
 import torch
 
 
+@torch.no_grad()
 def sd_images(pipe, latents: torch.Tensor) -> list[np.ndarray]:
     """Final SD latents to 8-bit RGB images, as the model's diffusers pipeline decodes them (SDXL's VAE
     upcast to float32 when its config asks for it)."""
@@ -35,6 +36,7 @@ def to_uint8(images: np.ndarray) -> list[np.ndarray]:
     return [as_bytes[i] for i in range(as_bytes.shape[0])]
 
 
+@torch.no_grad()
 def flux_images(pipe, latents: torch.Tensor, width: int, height: int) -> list[np.ndarray]:
     """Final packed latents to 8-bit RGB images, as the Flux pipeline decodes them."""
     vae = pipe.vae

@@ -124,10 +124,9 @@ def own_pipeline(pipe):
     """A pipeline object of the job's own over the model's modules, with a scheduler of its own: a call keeps
     its state (timesteps, step index, guidance, interrupt flag) on them, and jobs run step by step beside
     each other must not share it."""
-    scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
-    own = type(pipe).from_pipe(pipe, scheduler=scheduler)
-    own.set_progress_bar_config(disable=True)
-    return own
+    from horde_worker.inference.pipelines import derived_pipeline
+
+    return derived_pipeline(pipe, scheduler=type(pipe.scheduler).from_config(pipe.scheduler.config))
 
 
 class Pass:
@@ -259,11 +258,9 @@ class Pass:
                          width=request.width, height=request.height)
 
     def image_pipeline(self):
-        from diffusers import AutoPipelineForImage2Image
+        from horde_worker.inference.pipelines import derived_pipeline
 
-        pipeline = AutoPipelineForImage2Image.from_pipe(self.pipe)
-        pipeline.set_progress_bar_config(disable=True)
-        return pipeline
+        return derived_pipeline(self.pipe, "img2img")
 
     def img2img(self, image: Image.Image, strength: float, steps: int) -> list[np.ndarray]:
         strength = min(1.0, max(0.01, strength))
@@ -278,12 +275,11 @@ class Pass:
         return unet is not None and unet.config.in_channels == 9
 
     def inpaint(self, sources: sources_mod.Sources, strength: float) -> list[np.ndarray]:
-        from diffusers import AutoPipelineForInpainting
+        from horde_worker.inference.pipelines import derived_pipeline
 
         request = self.request
         strength = min(1.0, max(0.01, strength))
         count = len(request.seeds)
-        pipeline = AutoPipelineForInpainting.from_pipe(self.pipe)
-        pipeline.set_progress_bar_config(disable=True)
+        pipeline = derived_pipeline(self.pipe, "inpaint")
         return self.call(pipeline, request.steps, strength, image=[sources.image] * count,
                          mask_image=[sources.mask] * count, width=request.width, height=request.height)

@@ -144,6 +144,50 @@ def _load_single_file(path: Path, v_prediction: bool, dtype: torch.dtype):
     return pipe, info.baseline, False
 
 
+# The pipeline a job's task needs, over the same modules (diffusers' `from_pipe` would cast every module
+# to float32 on the way, the shared ones included).
+DERIVED_PIPELINES = {
+    ("StableDiffusionPipeline", "img2img"): "StableDiffusionImg2ImgPipeline",
+    ("StableDiffusionPipeline", "inpaint"): "StableDiffusionInpaintPipeline",
+    ("StableDiffusionPipeline", "controlnet"): "StableDiffusionControlNetPipeline",
+    ("StableDiffusionXLPipeline", "img2img"): "StableDiffusionXLImg2ImgPipeline",
+    ("StableDiffusionXLPipeline", "inpaint"): "StableDiffusionXLInpaintPipeline",
+    ("FluxPipeline", "img2img"): "FluxImg2ImgPipeline",
+    ("FluxPipeline", "inpaint"): "FluxInpaintPipeline",
+}
+
+
+def derived_pipeline(pipe, task: str | None = None, **overrides):
+    """A new pipeline object for `task` ("img2img", "inpaint", "controlnet"; None: the same kind) over `pipe`'s
+    modules, each left exactly as it is (device, precision, hooks); `overrides` replace or add components."""
+    import inspect
+
+    import diffusers
+
+    name = type(pipe).__name__ if task is None else DERIVED_PIPELINES.get((type(pipe).__name__, task))
+    if name is None:  # a pipeline kind this table does not know: diffusers' way, keeping the UNet's precision
+        auto = {"img2img": diffusers.AutoPipelineForImage2Image, "inpaint": diffusers.AutoPipelineForInpainting,
+                "controlnet": diffusers.AutoPipelineForText2Image}[task]
+        derived = auto.from_pipe(pipe, torch_dtype=pipe.dtype, **overrides)
+    else:
+        cls = getattr(diffusers, name)
+        parameters = list(inspect.signature(cls.__init__).parameters)[1:]
+        components = pipe.components
+        kwargs = {}
+        for parameter in parameters:
+            if parameter in overrides:
+                kwargs[parameter] = overrides[parameter]
+            elif parameter in components:
+                kwargs[parameter] = components[parameter]
+            elif parameter in pipe.config and not isinstance(pipe.config[parameter], list | tuple):
+                kwargs[parameter] = pipe.config[parameter]
+        if "requires_safety_checker" in parameters:
+            kwargs["requires_safety_checker"] = False
+        derived = cls(**kwargs)
+    derived.set_progress_bar_config(disable=True)
+    return derived
+
+
 def vae_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
     """The VAE's precision on `device`, as the reference runs it: bf16 on NVIDIA GPUs of compute capability 8+
     (Ampere and later), float32 on older ones (fp16 overflows SDXL's VAE); on a CPU, the run's own."""
@@ -157,16 +201,22 @@ def run_vae_in(vae, dtype: torch.dtype) -> None:
     """Keep the VAE's weights in `dtype` and let it take and give tensors of any precision: its inputs are cast
     to `dtype`, its outputs back to the input's precision (the pipelines hand it their own)."""
     vae.to(dtype=dtype)
-    if getattr(vae, "_runs_in", None) is not None:
-        vae._runs_in = dtype
+    if dtype != torch.float16:
+        # Only fp16 overflows: the pipelines' float32 round trips (which would leave the VAE in their own
+        # precision afterwards) are not wanted.
+        vae.register_to_config(force_upcast=False)
+    if getattr(vae, "_runs_in_own_precision", False):
         return
-    vae._runs_in = dtype
+    vae._runs_in_own_precision = True
     encode, decode = vae.encode, vae.decode
+
+    def own() -> torch.dtype:
+        return next(vae.parameters()).dtype
 
     def encode_in(x: torch.Tensor, *args, **kwargs):
         from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
-        output = encode(x.to(vae._runs_in), *args, **kwargs)
+        output = encode(x.to(own()), *args, **kwargs)
         dist = output[0] if isinstance(output, tuple) else output.latent_dist
         back = DiagonalGaussianDistribution(dist.parameters.to(x.dtype), deterministic=dist.deterministic)
         if isinstance(output, tuple):
@@ -175,7 +225,7 @@ def run_vae_in(vae, dtype: torch.dtype) -> None:
         return output
 
     def decode_in(z: torch.Tensor, *args, **kwargs):
-        output = decode(z.to(vae._runs_in), *args, **kwargs)
+        output = decode(z.to(own()), *args, **kwargs)
         if isinstance(output, tuple):
             return (output[0].to(z.dtype), *output[1:])
         output.sample = output.sample.to(z.dtype)
