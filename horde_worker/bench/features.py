@@ -98,7 +98,8 @@ def plain_diffusers(pipe, job: str, files: dict[str, Any], size: int, steps: int
         side = hires_size(baseline)
         first = first_pass_size(baseline, side, side)
         low = pipe(width=first[0], height=first[1], output_type="pil", **common).images[0]
-        AutoPipelineForImage2Image.from_pipe(pipe, torch_dtype=pipe.dtype)(image=low.resize((side, side)), strength=0.5, **common)
+        second = AutoPipelineForImage2Image.from_pipe(pipe, torch_dtype=pipe.dtype)
+        second(image=low.resize((side, side)), strength=0.5, **common)
     elif job == "lora":
         pipe.load_lora_weights(str(files["lora"]), adapter_name="bench")
         pipe(width=size, height=size, **common)
