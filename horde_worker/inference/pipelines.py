@@ -69,7 +69,7 @@ def load_pipeline(path: Path, device: torch.device, dtype: torch.dtype, name: st
     else:
         pipe = pipe.to(device=device, dtype=dtype)
     if device.type == "cuda":
-        run_vae_in(pipe.vae, vae_dtype(device, dtype))
+        run_vae_in(pipe.vae, vae_dtype(device, pipe.vae.dtype))
     for component in pipe.components.values():
         if isinstance(component, torch.nn.Module):
             # Modules built from a config start in training mode: their dropout would make every image random.
@@ -190,8 +190,8 @@ def derived_pipeline(pipe, task: str | None = None, **overrides):
 
 def vae_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
     """The VAE's precision on `device`, as the reference runs it: bf16 on NVIDIA GPUs of compute capability 8+
-    (Ampere and later), float32 on older ones (fp16 overflows SDXL's VAE); on a CPU, the run's own."""
-    if device.type != "cuda":
+    (Ampere and later), float32 on older ones (fp16 overflows SDXL's VAE); elsewhere `dtype`, as it is."""
+    if device.type != "cuda" or not torch.cuda.is_available():
         return dtype
     major, _minor = torch.cuda.get_device_capability(device)
     return torch.bfloat16 if major >= 8 and torch.cuda.is_bf16_supported() else torch.float32

@@ -110,7 +110,7 @@ class Residency:
             from horde_worker.inference.pipelines import run_vae_in, vae_dtype
 
             # Read into RAM for a GPU: the VAE takes the precision it will run in there.
-            run_vae_in(model.pipeline.vae, vae_dtype(self.device, self.dtype))
+            run_vae_in(model.pipeline.vae, vae_dtype(self.device, model.pipeline.vae.dtype))
         if self.fp8_matmuls and "transformer" in getattr(model.pipeline, "fp8_parts", ()):
             from horde_worker.inference import fp8
 
