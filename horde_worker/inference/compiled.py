@@ -82,23 +82,23 @@ class CompiledDenoiser:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compile") if background else None
         self._lock = threading.Lock()
 
-    def key(self, model_input: torch.Tensor, conditioning: dict[str, torch.Tensor]) -> tuple:
+    def key(self, model_input: torch.Tensor, conditioning: dict[str, torch.Tensor], rowed: set[str]) -> tuple:
         rows = bucket(model_input.shape[0])
         return (rows, tuple(model_input.shape[1:]), str(model_input.dtype),
-                tuple((name, tuple(t.shape[1:]) if name in self._rowed(conditioning, model_input) else tuple(t.shape))
+                tuple((name, tuple(t.shape[1:]) if name in rowed else tuple(t.shape))
                       for name, t in sorted(conditioning.items())))
 
-    def _rowed(self, conditioning: dict[str, torch.Tensor], model_input: torch.Tensor) -> set[str]:
+    def _rowed(self, conditioning: dict[str, torch.Tensor]) -> set[str]:
         if self.row_names:
             return {name for name in conditioning if name in self.row_names}
         return set(conditioning)
 
     def __call__(self, model_input: torch.Tensor, timesteps: torch.Tensor,
                  conditioning: dict[str, torch.Tensor]) -> torch.Tensor:
-        key = self.key(model_input, conditioning)
+        rowed = self._rowed(conditioning)
+        key = self.key(model_input, conditioning, rowed)
         rows = model_input.shape[0]
         padded_rows = key[0]
-        rowed = self._rowed(conditioning, model_input)
         padded = (_pad(model_input, padded_rows), _pad(timesteps, padded_rows),
                   {name: _pad(t, padded_rows) if name in rowed else t for name, t in conditioning.items()})
         with self._lock:

@@ -67,12 +67,8 @@ class EngineJob:
         return self.request.job_id
 
 
-class JobStopped(Exception):
-    """A job cancelled by the supervisor."""
-
-
 class Engine:
-    """Runs the jobs of one inference process; `submit` and `stop` may be called from any thread."""
+    """Runs the jobs of one inference process; `submit` may be called from any thread."""
 
     def __init__(self, runner, send: Callable[[object], None], stopped: Callable[[str], str | None],
                  forget: Callable[[str], None] = lambda job_id: None, max_jobs: int = 1) -> None:
@@ -171,9 +167,8 @@ class Engine:
         try:
             if job.kind is not JobKind.EXCLUSIVE:
                 # Pinned for the job's whole run, so that nothing evicts it between two of its steps.
-                need = vram.job_need(request.baseline, request.width, request.height, len(request.seeds))
-                loaded, job.load_source, job.load_seconds = job.held.enter_context(
-                    self.runner.residency.using(request.model_name, request.model_path, request.v_prediction, need))
+                loaded, job.load_source, job.load_seconds = job.held.enter_context(self.runner.residency.using(
+                    request.model_name, request.model_path, request.v_prediction, vram.request_need(request)))
                 if engine_jobs.batchable(request, loaded):
                     with torch.inference_mode():
                         self._join_batch(job, loaded)
@@ -204,7 +199,7 @@ class Engine:
         batch = self.batches.get(request.model_name)
         if batch is None or batch.model is not loaded:
             denoiser = make_denoiser(loaded.pipeline)
-            mode = getattr(self.runner, "compile_mode", None)
+            mode = self.runner.compile_mode
             if mode is not None:
                 from horde_worker.inference.compiled import CompiledDenoiser
 
@@ -212,8 +207,7 @@ class Engine:
                 # CUDA graphs cannot be captured while another thread runs work on the device.
                 denoiser = CompiledDenoiser(denoiser, mode=None if mode == "default" else mode,
                                             background=mode == "default", row_names=rowed)
-            batch = self.batches[request.model_name] = StepBatch(denoiser)
-            batch.model = loaded
+            batch = self.batches[request.model_name] = StepBatch(denoiser, loaded)
         batch.add(job.job_id, job.batched)
         job.group = (loaded.baseline, job.batched.group_key())
         job.state = EngineState.BATCHED

@@ -41,9 +41,9 @@ def batchable(request: GenerateRequest, model) -> bool:
         return False
     if model.baseline == "flux_1":
         # True classifier-free guidance (a negative prompt with cfg > 1) runs as the pipeline runs it.
-        from horde_worker.inference.flux_batch import uses_true_cfg
+        from horde_worker.inference.flux import uses_true_cfg
 
-        return not uses_true_cfg(model, request)
+        return not uses_true_cfg(request)
     spec = SAMPLERS[request.sampler_name]
     unet = getattr(model.pipeline, "unet", None)
     return (spec.algorithm is not None and spec.algorithm != "dpm_adaptive" and unet is not None

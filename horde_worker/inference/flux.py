@@ -280,6 +280,11 @@ def move_keeping_fp8(pipe, device: torch.device, dtype: torch.dtype) -> None:
 DEV_SHIFT = 1.15
 
 
+def uses_true_cfg(request) -> bool:
+    """A negative prompt with cfg > 1 asks for true classifier-free guidance: two transformer passes a step."""
+    return bool(request.negative_prompt) and request.cfg_scale > 1
+
+
 def flow_sigma(t: float, distilled: bool) -> float:
     """The noise level of a Flux model at timestep `t` in (0, 1]."""
     if not distilled:

@@ -17,12 +17,6 @@ from horde_worker.inference.conditioning import plain_text
 ROW_INPUTS = ("encoder_hidden_states", "pooled_projections", "guidance")
 
 
-def uses_true_cfg(model, request) -> bool:
-    """A negative prompt with cfg > 1 asks for true classifier-free guidance (two passes a step): the job
-    then runs through the pipeline as before."""
-    return bool(request.negative_prompt) and request.cfg_scale > 1
-
-
 def _flow_sampler(scheduler, latents: torch.Tensor) -> Generator[tuple[torch.Tensor, torch.Tensor], torch.Tensor,
                                                                  torch.Tensor]:
     for t in scheduler.timesteps:

@@ -160,7 +160,7 @@ class Pass:
         distilled = self.pipe.transformer.config.guidance_embeds
         extra: dict[str, Any] = {"prompt": prompts, "max_sequence_length": 512 if distilled else 256,
                                  "guidance_scale": request.cfg_scale if distilled else 0.0}
-        if request.negative_prompt and request.cfg_scale > 1:
+        if flux.uses_true_cfg(request):
             # A negative prompt needs true classifier-free guidance: two passes per step.
             extra.update(negative_prompt=[plain_text(n) for n in self.negatives], true_cfg_scale=request.cfg_scale)
         return extra

@@ -128,10 +128,10 @@ class ModelRunner:
             if pause is not None:
                 pause()
 
-        from horde_worker.inference.vram import job_need
+        from horde_worker.inference.vram import request_need
 
-        need = job_need(request.baseline, request.width, request.height, len(request.seeds))
-        with self.residency.using(request.model_name, request.model_path, request.v_prediction, need) as held:
+        with self.residency.using(request.model_name, request.model_path, request.v_prediction,
+                                  request_need(request)) as held:
             loaded, source, load_seconds = held
             stop_if_cancelled()
             start = time.perf_counter()

@@ -92,8 +92,9 @@ class BatchedJob:
 class StepBatch:
     """The running jobs of one model, advanced one denoiser evaluation per `step`."""
 
-    def __init__(self, denoiser: Denoiser) -> None:
+    def __init__(self, denoiser: Denoiser, model=None) -> None:
         self.denoiser = denoiser
+        self.model = model  # the loaded model whose denoiser this is (the engine decodes with its VAE)
         self.running: dict[str, BatchedJob] = {}
 
     def add(self, job_id: str, job: BatchedJob) -> None:

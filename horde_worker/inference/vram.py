@@ -51,3 +51,8 @@ def job_need(baseline: str, width: int, height: int, images: int, guidance_pairs
     denoise = DENOISE_BYTES_PER_LATENT_PIXEL.get(baseline, 60_000) * latent_pixels * rows
     decode = DECODE_BYTES_PER_PIXEL.get(baseline, 3_200) * width * height
     return denoise + decode
+
+
+def request_need(request) -> int:
+    """`job_need` of a GenerateRequest."""
+    return job_need(request.baseline, request.width, request.height, len(request.seeds))
