@@ -43,6 +43,9 @@ class LoadedModel:
     scheduler_config: dict[str, Any]
     # ControlNets built for this model's UNet, by file path (see inference/control.py).
     controlnets: dict[str, Any] = field(default_factory=dict)
+    # The one-copy layout of its weights for moves between RAM and a GPU (inference/transfer.py), once it has
+    # been to a GPU.
+    weights: Any = None
 
 
 def load_pipeline(path: Path, device: torch.device, dtype: torch.dtype, name: str = "",

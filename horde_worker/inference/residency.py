@@ -32,13 +32,34 @@ def pipeline_bytes(model: LoadedModel) -> int:
     return model_bytes(model)
 
 
-def move(model: LoadedModel, device: torch.device | str) -> None:
-    """Move every module of the pipeline (module by module: the pipeline-level move warns about fp16 on a CPU,
-    which is only where the weights wait, never where they run)."""
+def modules_of(model: LoadedModel) -> list[torch.nn.Module]:
+    return [c for c in model.pipeline.components.values() if isinstance(c, torch.nn.Module)]
+
+
+def move(model: LoadedModel, device: torch.device | str) -> float:
+    """Move every module of the pipeline; returns the seconds it took. To and from a GPU the weights travel as
+    one layout (`transfer.PackedWeights`, pinned host chunks kept for the way back, so leaving the GPU copies
+    nothing); otherwise module by module (the pipeline-level move warns about fp16 on a CPU, which is only
+    where the weights wait, never where they run)."""
+    from horde_worker.inference.transfer import PackedWeights
+
+    start = time.perf_counter()
+    device = torch.device(device)
     model.controlnets.clear()  # built again from the UNet where it is needed next
-    for component in model.pipeline.components.values():
-        if isinstance(component, torch.nn.Module):
-            component.to(device)
+    packed = model.weights
+    if device.type == "cuda":
+        if packed is None or not packed.has_host_copy:
+            for module in modules_of(model):
+                module.to("cpu")
+            packed = model.weights = PackedWeights(modules_of(model), pin=True)
+        packed.to_device(device)
+    elif packed is not None and packed.where.type == "cuda" and packed.has_host_copy:
+        packed.to_host()
+    else:
+        model.weights = None
+        for module in modules_of(model):
+            module.to(device)
+    return time.perf_counter() - start
 
 
 def release_memory(device: torch.device) -> None:
@@ -49,6 +70,8 @@ def release_memory(device: torch.device) -> None:
             ctypes.CDLL("libc.so.6").malloc_trim(0)
     if device.type == "cuda":
         torch.cuda.empty_cache()
+        if hasattr(torch._C, "_host_emptyCache"):
+            torch._C._host_emptyCache()  # freed page-locked chunks go back to the system too
 
 
 def device_victim(on_device: list[str], keep: set[str], over_budget: bool, keep_unused: bool) -> str | None:
@@ -99,7 +122,24 @@ class Residency:
         """Bytes of models held in RAM (on a CPU device, that includes the ones in use)."""
         with self._lock:
             held = list(self.in_ram) + (list(self.on_device) if self.on_cpu else [])
-            return sum(self.sizes.get(n, 0) for n in held)
+            copies = 0 if self.on_cpu else sum(m.weights.nbytes for m in self.on_device.values()
+                                                 if m.weights is not None and m.weights.has_host_copy)
+            return sum(self.sizes.get(n, 0) for n in held) + copies
+
+    def _place_on_device(self, name: str, model: LoadedModel) -> None:
+        """Move a model from RAM to the device, log what the switch cost, and keep its host copy (for a free way
+        back) only where RAM is kept for models and the budget allows it."""
+        seconds = move(model, self.device)
+        size = self.sizes.get(name, 0)
+        logger.info("{} moved to {} in {:.2f} s ({:.1f} GB/s)", name, self.device, seconds,
+                    size / max(seconds, 1e-6) / 1e9)
+        self.on_device[name] = model
+        packed = model.weights
+        if packed is not None and packed.has_host_copy:
+            over = self.ram_budget is not None and self.ram_bytes() > self.ram_budget
+            if not self.keep_in_ram or over:
+                packed.release_host_copy()
+                release_memory(self.device)
 
     # --- loading -----------------------------------------------------------------------------
 
@@ -179,9 +219,10 @@ class Residency:
                     if name in self.in_ram:
                         model = self.in_ram.pop(name)
                         self._fit_device(self.sizes[name] + (0 if self.on_cpu else need), keep={name})
-                        if not self.on_cpu:
-                            move(model, self.device)
-                        self.on_device[name] = model
+                        if self.on_cpu:
+                            self.on_device[name] = model
+                        else:
+                            self._place_on_device(name, model)
                         return model, source or "ram", time.perf_counter() - start
                 # Pinned from here on: once loaded, nothing can evict it before the next pass takes it.
                 if self._load(name, path, v_prediction):
@@ -262,14 +303,14 @@ class Residency:
             if self.on_cpu:
                 self._drop(victim, model)
                 continue
-            move(model, "cpu")
             fits_ram = self.ram_budget is None or self.ram_bytes() + self.sizes[victim] <= self.ram_budget
             if self.keep_in_ram and fits_ram:
+                seconds = move(model, "cpu")
                 self.in_ram[victim] = model
-                logger.debug("{} moved from the device to RAM", victim)
+                logger.debug("{} moved from the device to RAM in {:.2f} s", victim, seconds)
+                release_memory(self.device)
             else:
-                self._drop(victim, model)
-            release_memory(self.device)
+                self._drop(victim, model)  # straight from the device: copying it to RAM first would be wasted
 
     def _fit_ram(self, incoming: int, keep: set[str]) -> None:
         """Make room in RAM for `incoming` bytes by dropping the least recently used cached models."""
@@ -280,6 +321,12 @@ class Residency:
             if victim is None:
                 return
             self._drop(victim, self.in_ram.pop(victim))
+        for model in [] if self.on_cpu else list(self.on_device.values()):
+            # Still short: the host copies kept beside the models on the device go (they leave it by disk then).
+            if self.ram_bytes() + incoming <= self.ram_budget:
+                break
+            if model.weights is not None and model.weights.release_host_copy():
+                release_memory(self.device)
         if self.on_cpu:
             # The models in use live in RAM too: keep at most what fits beside the incoming one.
             self._fit_device(incoming, keep=keep)
