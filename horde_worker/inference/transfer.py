@@ -92,8 +92,9 @@ class PackedWeights:
             raise ValueError("weights are laid out from RAM: move the model to the CPU first")
         plan: dict[tuple, _Slot] = {}
         sizes: list[int] = []
-        for *_, tensor in entries:
-            key = _key(tensor)
+        # Known before any re-pointing: a shared Parameter already points at its copy when met again.
+        keys = [_key(tensor) for *_, tensor in entries]
+        for (*_, tensor), key in zip(entries, keys, strict=True):
             if key in plan:
                 continue  # shared by several modules: laid out once
             size = _aligned(max(tensor.numel() * tensor.element_size(), 1))
@@ -108,7 +109,7 @@ class PackedWeights:
         for index, entry in enumerate(entries):
             entries[index] = None  # the old storage goes as soon as its last module points at the copy
             module, name, is_param, tensor = entry
-            key = _key(tensor)
+            key = keys[index]
             copy = copies.get(key)
             if copy is None:
                 slot = plan[key]
