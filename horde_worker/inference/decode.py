@@ -51,6 +51,7 @@ def one_by_one_in_tiles(model, latents: torch.Tensor, width: int, height: int) -
     from loguru import logger
 
     pipe = model.pipeline
+    tiled_before = getattr(pipe.vae, "use_tiling", False)  # the model's plan may tile already (inference/fit.py)
     try:
         pipe.vae.enable_tiling()
         images: list[np.ndarray] = []
@@ -65,4 +66,5 @@ def one_by_one_in_tiles(model, latents: torch.Tensor, width: int, height: int) -
         logger.exception("the tiled decode failed too")
         return None
     finally:
-        pipe.vae.disable_tiling()
+        if not tiled_before:
+            pipe.vae.disable_tiling()

@@ -168,7 +168,8 @@ class Engine:
             if job.kind is not JobKind.EXCLUSIVE:
                 # Pinned for the job's whole run, so that nothing evicts it between two of its steps.
                 loaded, job.load_source, job.load_seconds = job.held.enter_context(self.runner.residency.using(
-                    request.model_name, request.model_path, request.v_prediction, vram.request_need(request)))
+                    request.model_name, request.model_path, request.v_prediction, vram.request_need(request),
+                    vram.request_phases(request)))
                 if engine_jobs.batchable(request, loaded):
                     with torch.inference_mode():
                         self._join_batch(job, loaded)
@@ -200,7 +201,7 @@ class Engine:
         if batch is None or batch.model is not loaded:
             denoiser = make_denoiser(loaded.pipeline)
             mode = self.runner.compile_mode
-            if mode is not None:
+            if mode is not None and not loaded.fit.plan.blocks_visit:  # visiting blocks' hooks run eagerly
                 from horde_worker.inference.compiled import CompiledDenoiser
 
                 rowed = flux_batch.ROW_INPUTS if loaded.baseline == "flux_1" else ()
@@ -327,7 +328,8 @@ class Engine:
                                 sample_seconds=time.perf_counter() - job.started_at,
                                 resident_models=runner.residency.names(), load_source=job.load_source,
                                 resident_bytes=runner.residency.ram_bytes(),
-                                shared_with=len(job.shared_with - {job.job_id}), engine=self.figures())
+                                shared_with=len(job.shared_with - {job.job_id}), engine=self.figures(),
+                                fit="" if job.pass_.model.fit.plan.full else job.pass_.model.fit.plan.describe())
         job.held.close()
         try:
             delivered = runner.deliver(job.request, result, self.send, lambda j=job.job_id: self.stopped(j),

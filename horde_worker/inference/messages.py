@@ -163,6 +163,9 @@ class GenerateResult:
     shared_with: int = 0
     # The engine's figures so far: busy_seconds, peak_device_bytes, compiled_shapes, compile_seconds.
     engine: dict[str, float] = field(default_factory=dict)
+    # How the model fits a card smaller than it and the job ("text encoders in RAM, tiled VAE"); "" when all of
+    # it is on the device (inference/fit.py).
+    fit: str = ""
 
 
 @dataclass(frozen=True)

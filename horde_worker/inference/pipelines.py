@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from horde_worker.inference import checkpoint
+from horde_worker.inference.fit import FittedModel
 from horde_worker.inference.samplers import scheduler_config
 
 TOKENIZER_DIR = Path(__file__).parent / "assets" / "clip_tokenizer"
@@ -43,9 +44,11 @@ class LoadedModel:
     scheduler_config: dict[str, Any]
     # ControlNets built for this model's UNet, by file path (see inference/control.py).
     controlnets: dict[str, Any] = field(default_factory=dict)
-    # The one-copy layout of its weights for moves between RAM and a GPU (inference/transfer.py), once it has
-    # been to a GPU.
-    weights: Any = None
+    # The one-copy layouts of its components' weights for moves between RAM and a GPU (inference/transfer.py),
+    # by component name, once it has been to a GPU.
+    weights: dict[str, Any] = field(default_factory=dict)
+    # How it runs on a card smaller than it and its job (inference/fit.py).
+    fit: FittedModel = field(default_factory=FittedModel)
 
 
 def load_pipeline(path: Path, device: torch.device, dtype: torch.dtype, name: str = "",

@@ -37,29 +37,51 @@ def modules_of(model: LoadedModel) -> list[torch.nn.Module]:
 
 
 def move(model: LoadedModel, device: torch.device | str) -> float:
-    """Move every module of the pipeline; returns the seconds it took. To and from a GPU the weights travel as
-    one layout (`transfer.PackedWeights`, pinned host chunks kept for the way back, so leaving the GPU copies
-    nothing); otherwise module by module (the pipeline-level move warns about fp16 on a CPU, which is only
-    where the weights wait, never where they run)."""
+    """Move the pipeline's modules (all but those visiting the device on their own, see inference/fit.py);
+    returns the seconds it took. To and from a GPU each component travels as one layout
+    (`transfer.PackedWeights`, pinned host chunks kept for the way back, so leaving the GPU copies nothing);
+    otherwise module by module (the pipeline-level move warns about fp16 on a CPU, which is only where the
+    weights wait, never where they run)."""
     from horde_worker.inference.transfer import PackedWeights
 
     start = time.perf_counter()
     device = torch.device(device)
     model.controlnets.clear()  # built again from the UNet where it is needed next
-    packed = model.weights
-    if device.type == "cuda":
-        if packed is None or not packed.has_host_copy:
-            for module in modules_of(model):
-                module.to("cpu")
-            packed = model.weights = PackedWeights(modules_of(model), pin=True)
-        packed.to_device(device)
-    elif packed is not None and packed.where.type == "cuda" and packed.has_host_copy:
-        packed.to_host()
-    else:
-        model.weights = None
-        for module in modules_of(model):
-            module.to(device)
+    visiting = model.fit.visiting()
+    visiting_ids = {id(m) for m in visiting}
+    for name, module in model.pipeline.components.items():
+        if not isinstance(module, torch.nn.Module) or id(module) in visiting_ids:
+            continue
+        packed = model.weights.get(name)
+        if device.type == "cuda":
+            if packed is None or not packed.has_host_copy:
+                _to_except(module, "cpu", visiting_ids)
+                packed = model.weights[name] = PackedWeights([module], pin=True, exclude=visiting)
+            packed.to_device(device)
+        elif packed is not None and packed.device_buffer is not None and packed.has_host_copy:
+            packed.to_host()
+        else:
+            model.weights.pop(name, None)
+            _to_except(module, device, visiting_ids)
     return time.perf_counter() - start
+
+
+def _to_except(module: torch.nn.Module, device: torch.device | str, skip: set[int]) -> None:
+    """`module.to(device)`, leaving the submodules in `skip` where they are."""
+    if id(module) in skip:
+        return
+    if not any(id(m) in skip for m in module.modules()):
+        module.to(device)
+        return
+    for tensor_owner in (module._parameters, module._buffers):
+        for key, tensor in tensor_owner.items():
+            if tensor is not None:
+                if isinstance(tensor, torch.nn.Parameter):
+                    tensor.data = tensor.data.to(device)
+                else:
+                    tensor_owner[key] = tensor.to(device)
+    for child in module.children():
+        _to_except(child, device, skip)
 
 
 def release_memory(device: torch.device) -> None:
@@ -106,6 +128,8 @@ class Residency:
         self.sizes: dict[str, int] = {}
         # Other things on the device (post-processing models, ...): name -> (bytes, how to free them).
         self.extras: dict[str, tuple[int, Callable[[], bool]]] = {}
+        # Usable device bytes where they cannot be measured (tests of the fitting on a CPU); None: measured.
+        self.capacity_override: int | None = None
         self._lock = threading.RLock()
         self._loading: dict[str, Future] = {}
         self._pinned: Counter[str] = Counter()
@@ -122,24 +146,64 @@ class Residency:
         """Bytes of models held in RAM (on a CPU device, that includes the ones in use)."""
         with self._lock:
             held = list(self.in_ram) + (list(self.on_device) if self.on_cpu else [])
-            copies = 0 if self.on_cpu else sum(m.weights.nbytes for m in self.on_device.values()
-                                                 if m.weights is not None and m.weights.has_host_copy)
+            copies = 0 if self.on_cpu else sum(packed.nbytes for m in self.on_device.values()
+                                                 for packed in m.weights.values() if packed.has_host_copy)
             return sum(self.sizes.get(n, 0) for n in held) + copies
 
-    def _place_on_device(self, name: str, model: LoadedModel) -> None:
-        """Move a model from RAM to the device, log what the switch cost, and keep its host copy (for a free way
-        back) only where RAM is kept for models and the budget allows it."""
+    # --- fitting a card smaller than the model and its job -----------------------------------------
+
+    def capacity(self, name: str) -> int | None:
+        """Device bytes the model `name` and its job can have: what this process can use, less the models
+        other jobs are using right now (anything else can be evicted)."""
+        from horde_worker.inference.vram import device_capacity
+
+        usable = self.capacity_override if self.capacity_override is not None else device_capacity(self.device)
+        if usable is None:
+            return None
+        busy = sum(self.sizes.get(n, 0) for n in self.on_device if n != name and n in self._pinned)
+        return max(0, usable - busy)
+
+    def _plan(self, name: str, model: LoadedModel, phases: tuple[int, int] | None):
+        from horde_worker.inference import fit
+
+        if not phases:
+            return fit.FitPlan()
+        return fit.plan(fit.model_parts(model.pipeline), phases[0], phases[1], self.capacity(name))
+
+    def _refit(self, name: str, model: LoadedModel, phases: tuple[int, int]) -> None:
+        """A resident model whose next job needs a heavier plan: through RAM to apply it (weights come back in
+        one copy per component)."""
+        from horde_worker.inference import fit
+
+        wanted = fit.heavier(model.fit.plan, self._plan(name, model, phases))
+        if wanted != model.fit.plan:
+            move(model, "cpu")
+            release_memory(self.device)
+            model.fit.apply(model, wanted, self.device)
+            move(model, self.device)
+
+    def _device_size(self, model: LoadedModel) -> int:
+        """The model's bytes on the device: its visiting modules wait in RAM."""
+        from horde_worker.inference.vram import tensors_bytes
+
+        visiting = model.fit.visiting()
+        return pipeline_bytes(model) - (tensors_bytes(visiting) if visiting else 0)
+
+    def _place_on_device(self, name: str, model: LoadedModel, phases: tuple[int, int] | None = None) -> None:
+        """Move a model from RAM to the device under the plan its job needs, log what the switch cost, and keep
+        its host copy (for a free way back) only where RAM is kept for models and the budget allows it."""
+        model.fit.apply(model, self._plan(name, model, phases), self.device)
+        if not model.fit.plan.full:
+            self.sizes[name] = self._device_size(model)
+            self._fit_device(self.sizes[name], keep={name})
         seconds = move(model, self.device)
         size = self.sizes.get(name, 0)
         logger.info("{} moved to {} in {:.2f} s ({:.1f} GB/s)", name, self.device, seconds,
                     size / max(seconds, 1e-6) / 1e9)
         self.on_device[name] = model
-        packed = model.weights
-        if packed is not None and packed.has_host_copy:
-            over = self.ram_budget is not None and self.ram_bytes() > self.ram_budget
-            if not self.keep_in_ram or over:
-                packed.release_host_copy()
-                release_memory(self.device)
+        over = self.ram_budget is not None and self.ram_bytes() > self.ram_budget
+        if (not self.keep_in_ram or over) and sum(p.release_host_copy() for p in model.weights.values()):
+            release_memory(self.device)
 
     # --- loading -----------------------------------------------------------------------------
 
@@ -198,11 +262,12 @@ class Residency:
             return 0.0
         return time.perf_counter() - start
 
-    def acquire(self, name: str, path: str, v_prediction: bool = False,
-                need: int = 0) -> tuple[LoadedModel, str, float]:
+    def acquire(self, name: str, path: str, v_prediction: bool = False, need: int = 0,
+                phases: tuple[int, int] | None = None) -> tuple[LoadedModel, str, float]:
         """The model on the device, ready to run: (model, where it came from, seconds spent), with `need` more
-        bytes (the job's activations) made free beside it where the budget allows. It is pinned while this runs;
-        `using` keeps it pinned for as long as the job needs it."""
+        bytes (the job's activations) made free beside it where the budget allows. `phases` (the job's denoise
+        and decode peaks) choose how it fits a card smaller than it and the job (inference/fit.py). It is pinned
+        while this runs; `using` keeps it pinned for as long as the job needs it."""
         start = time.perf_counter()
         source = None
         with self._lock:
@@ -212,7 +277,9 @@ class Residency:
                 with self._lock:
                     if name in self.on_device:
                         self.on_device.move_to_end(name)
-                        self.sizes[name] = pipeline_bytes(self.on_device[name])  # ControlNets may have joined it
+                        if phases and not self.on_cpu:
+                            self._refit(name, self.on_device[name], phases)
+                        self.sizes[name] = self._device_size(self.on_device[name])  # ControlNets may have joined
                         if need and not self.on_cpu:
                             self.make_room(need, keep={name})
                         return self.on_device[name], source or "resident", time.perf_counter() - start
@@ -222,7 +289,7 @@ class Residency:
                         if self.on_cpu:
                             self.on_device[name] = model
                         else:
-                            self._place_on_device(name, model)
+                            self._place_on_device(name, model, phases)
                         return model, source or "ram", time.perf_counter() - start
                 # Pinned from here on: once loaded, nothing can evict it before the next pass takes it.
                 if self._load(name, path, v_prediction):
@@ -231,13 +298,13 @@ class Residency:
             self._unpin(name)
 
     @contextlib.contextmanager
-    def using(self, name: str, path: str, v_prediction: bool = False,
-              need: int = 0) -> Iterator[tuple[LoadedModel, str, float]]:
+    def using(self, name: str, path: str, v_prediction: bool = False, need: int = 0,
+              phases: tuple[int, int] | None = None) -> Iterator[tuple[LoadedModel, str, float]]:
         """`acquire` for the duration of the block: the model cannot be evicted (by a preload, say) while it runs."""
         with self._lock:
             self._pinned[name] += 1
         try:
-            yield self.acquire(name, path, v_prediction, need)
+            yield self.acquire(name, path, v_prediction, need, phases)
         finally:
             self._unpin(name)
 
@@ -325,7 +392,7 @@ class Residency:
             # Still short: the host copies kept beside the models on the device go (they leave it by disk then).
             if self.ram_bytes() + incoming <= self.ram_budget:
                 break
-            if model.weights is not None and model.weights.release_host_copy():
+            if sum(packed.release_host_copy() for packed in model.weights.values()):
                 release_memory(self.device)
         if self.on_cpu:
             # The models in use live in RAM too: keep at most what fits beside the incoming one.

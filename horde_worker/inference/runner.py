@@ -128,10 +128,10 @@ class ModelRunner:
             if pause is not None:
                 pause()
 
-        from horde_worker.inference.vram import request_need
+        from horde_worker.inference.vram import request_need, request_phases
 
         with self.residency.using(request.model_name, request.model_path, request.v_prediction,
-                                  request_need(request)) as held:
+                                  request_need(request), request_phases(request)) as held:
             loaded, source, load_seconds = held
             stop_if_cancelled()
             start = time.perf_counter()
@@ -146,6 +146,7 @@ class ModelRunner:
             resident_models=self.residency.names(),
             load_source=source,
             resident_bytes=self.residency.ram_bytes(),
+            fit="" if loaded.fit.plan.full else loaded.fit.plan.describe(),
         )
         return self.deliver(request, result, send, stopped, overlap() if overlap is not None else None)
 

@@ -36,10 +36,24 @@ def _aligned(n: int) -> int:
     return (n + ALIGN - 1) // ALIGN * ALIGN
 
 
-def _tensors(modules: Iterable[torch.nn.Module]) -> Iterator[tuple[torch.nn.Module, str, bool, torch.Tensor]]:
-    """(owner module, name, is parameter, tensor) for every parameter and buffer, shared ones repeated."""
+def _modules(root: torch.nn.Module, exclude: frozenset[int]) -> Iterator[torch.nn.Module]:
+    if id(root) in exclude:
+        return
+    yield root
+    for child in root.children():
+        yield from _modules(child, exclude)
+
+
+def _tensors(modules: Iterable[torch.nn.Module], exclude: frozenset[int] = frozenset()
+             ) -> Iterator[tuple[torch.nn.Module, str, bool, torch.Tensor]]:
+    """(owner module, name, is parameter, tensor) for every parameter and buffer, shared ones repeated; the
+    subtrees of the modules whose id() is in `exclude` left out."""
+    seen: set[int] = set()
     for root in modules:
-        for module in root.modules():
+        for module in _modules(root, exclude):
+            if id(module) in seen:
+                continue
+            seen.add(id(module))
             for name, param in module._parameters.items():
                 if param is not None:
                     yield module, name, True, param
@@ -67,8 +81,11 @@ def _view(storage: torch.Tensor, offset: int, slot: _Slot) -> torch.Tensor:
 class PackedWeights:
     """The layout of one model's weights, and its moves. `where` is the device its weights are on now."""
 
-    def __init__(self, modules: list[torch.nn.Module], pin: bool) -> None:
+    def __init__(self, modules: list[torch.nn.Module], pin: bool,
+                 exclude: list[torch.nn.Module] = ()) -> None:
         self.modules = modules
+        # Submodules laid out elsewhere (blocks visiting the device on their own, see inference/fit.py).
+        self.exclude = frozenset(id(m) for m in exclude)
         self.pin = pin
         self.chunks: list[torch.Tensor] = []
         self.chunk_starts: list[int] = []  # each chunk's offset in the device buffer
@@ -87,7 +104,7 @@ class PackedWeights:
         """Copy every weight (on the CPU) into the host chunks and point the modules at the copies. The chunks
         are planned first (each exactly as large as its tensors), then allocated one at a time as they fill, so
         a tensor's old storage is freed before the next chunk is taken."""
-        entries = list(_tensors(self.modules))
+        entries = list(_tensors(self.modules, self.exclude))
         if any(tensor.device.type != "cpu" for *_, tensor in entries):
             raise ValueError("weights are laid out from RAM: move the model to the CPU first")
         plan: dict[tuple, _Slot] = {}
@@ -125,7 +142,7 @@ class PackedWeights:
         """Point every laid-out tensor at `place(slot)`."""
         moved: dict[tuple, torch.Tensor] = {}
         slots: dict[tuple, _Slot] = {}
-        for module, name, is_param, tensor in list(_tensors(self.modules)):
+        for module, name, is_param, tensor in list(_tensors(self.modules, self.exclude)):
             key = _key(tensor)
             slot = self.slots.get(key)
             if slot is None:
@@ -139,7 +156,7 @@ class PackedWeights:
 
     def _strays(self) -> list[tuple[torch.nn.Module, str, bool, torch.Tensor]]:
         """Tensors not in the layout (added or replaced since)."""
-        return [entry for entry in _tensors(self.modules) if _key(entry[3]) not in self.slots]
+        return [entry for entry in _tensors(self.modules, self.exclude) if _key(entry[3]) not in self.slots]
 
     def to_device(self, device: torch.device) -> float:
         """Copy the weights to `device` (one copy per host chunk) and point the modules there; the host chunks

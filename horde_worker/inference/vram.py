@@ -44,15 +44,36 @@ def model_bytes(model) -> int:
     return tensors_bytes([*modules, *model.controlnets.values()])
 
 
-def job_need(baseline: str, width: int, height: int, images: int, guidance_pairs: bool = True) -> int:
-    """Estimated peak bytes of activations for a job: the denoiser forward over its rows, then one decode."""
+def job_phases(baseline: str, width: int, height: int, images: int, guidance_pairs: bool = True) -> tuple[int, int]:
+    """Estimated peak bytes of a job's activations in its two phases, which never overlap: the denoiser forward
+    over its rows, and the VAE decode of one image."""
     latent_pixels = (width // 8) * (height // 8)
     rows = images * (2 if guidance_pairs else 1)
     denoise = DENOISE_BYTES_PER_LATENT_PIXEL.get(baseline, 60_000) * latent_pixels * rows
     decode = DECODE_BYTES_PER_PIXEL.get(baseline, 3_200) * width * height
-    return denoise + decode
+    return denoise, decode
+
+
+def job_need(baseline: str, width: int, height: int, images: int, guidance_pairs: bool = True) -> int:
+    """Bytes to make free for a job beside its model: both phases' peaks (on the high side on purpose)."""
+    return sum(job_phases(baseline, width, height, images, guidance_pairs))
+
+
+def request_phases(request) -> tuple[int, int]:
+    """`job_phases` of a GenerateRequest."""
+    return job_phases(request.baseline, request.width, request.height, len(request.seeds))
 
 
 def request_need(request) -> int:
     """`job_need` of a GenerateRequest."""
-    return job_need(request.baseline, request.width, request.height, len(request.seeds))
+    return sum(request_phases(request))
+
+
+def device_capacity(device: torch.device) -> int | None:
+    """Bytes this process can use on a CUDA device: its total less what other processes hold (another worker on
+    the same card, the desktop) and a reserve for the CUDA context's growth and fragmentation. None elsewhere."""
+    if device.type != "cuda":
+        return None
+    free, total = torch.cuda.mem_get_info(device)
+    others = max(0, total - free - torch.cuda.memory_reserved(device))
+    return max(0, total - others - max(512 * 2**20, total // 25))

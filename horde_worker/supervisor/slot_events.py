@@ -88,6 +88,7 @@ class SlotEvents:
             return
         if message.engine:
             self.sup.stats.engines[slot.spec.slot] = dict(message.engine)
+        self.sup.stats.fits[slot.spec.slot] = message.fit
         job.images = list(message.images)
         job.gen_metadata.extend(jobspec.notes_metadata(message.notes))
         for kind, value, ref in message.notes:

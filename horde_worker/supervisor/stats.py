@@ -27,6 +27,8 @@ class SessionStats:
     last_done_at: float | None = None
     # Each inference slot's latest engine figures (busy seconds, peak device memory, compiled shapes).
     engines: dict[int, dict[str, float]] = field(default_factory=dict)
+    # Each slot's latest memory plan when its card is smaller than the model and its job (inference/fit.py).
+    fits: dict[int, str] = field(default_factory=dict)
 
     def job_started(self) -> None:
         if self.first_job_at is None:
@@ -77,6 +79,9 @@ def status_line(jobs: list[Job], s: SessionStats, unusable: list[int] | None = N
     done = f", {s.censored} censored" if s.censored else ""
     if s.postprocessed_jobs:
         done += f", {s.postprocessed_jobs} post-processed ({s.postprocess_seconds / s.postprocessed_jobs:.1f}s avg)"
+    low = "; ".join(f"slot {slot}: {plan}" for slot, plan in sorted(s.fits.items()) if plan)
+    if low:
+        current += f" | low VRAM ({low})"
     broken = f" | UNUSABLE slot(s) {', '.join(map(str, unusable))}: see logs/trace.log" if unusable else ""
     return (f"jobs {s.jobs_done} done, {s.jobs_faulted} faulted{done} | queue {queued}{current} | "
             f"kudos {s.kudos:.1f} ({s.kudos_per_hour:.0f}/hr) | {s.megapixelsteps_per_second:.2f} MPS/s{broken}")

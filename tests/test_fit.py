@@ -1,0 +1,84 @@
+"""A model on a card smaller than it and its job: the plan chosen from real module sizes, cheapest step first,
+and the plan carried out (text encoders and denoiser blocks visiting the device for each forward) gives the
+same images as the model fully on the device."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from horde_worker.inference import fit
+from horde_worker.inference.generate import generate_images
+from horde_worker.inference.pipelines import load_pipeline
+from horde_worker.inference.tiny import write_tiny_checkpoint, write_tiny_flux_checkpoint
+from horde_worker.inference.transfer import _tensors
+from horde_worker.inference.vram import job_phases
+from tests.conftest import job_request
+
+
+def _model(tmp_path, baseline):
+    if baseline == "flux_1":
+        path = write_tiny_flux_checkpoint(tmp_path / "f.safetensors", guidance=True)
+    else:
+        path = write_tiny_checkpoint(tmp_path / "m.safetensors", baseline)
+    return load_pipeline(path, torch.device("cpu"), torch.float32, name=baseline)
+
+
+def test_the_plan_takes_the_cheapest_steps_that_fit(tmp_path):
+    model = _model(tmp_path, "stable_diffusion_xl")
+    parts = fit.model_parts(model.pipeline)
+    encoders = parts["text_encoder"] + parts["text_encoder_2"]
+    assert encoders > 0 and parts["unet"] > 0 and parts["vae"] > 0
+    total = sum(parts.values())
+    denoise, decode = job_phases("stable_diffusion_xl", 1024, 1024, 1)
+    assert fit.plan(parts, denoise, decode, None).full  # nothing known: everything stays
+    assert fit.plan(parts, denoise, decode, total + max(denoise, decode)).full
+    # A little short: the text encoders wait in RAM, nothing else changes.
+    short = fit.plan(parts, denoise, decode, total + max(denoise, decode) - 1)
+    assert short == fit.FitPlan(encoders_visit=True)
+    resident = total - encoders
+    # The decode's peak does not fit beside the rest: tiled VAE too.
+    assert fit.plan(parts, 0, decode, resident + decode - 1) == fit.FitPlan(True, True, False)
+    # Sampling does not fit even without the encoders: the denoiser's blocks visit, and then the decode fits.
+    assert fit.plan(parts, denoise, 0, resident + denoise - 1) == fit.FitPlan(True, False, True)
+    assert "denoiser streamed" in fit.plan(parts, denoise, 0, resident).describe()
+    assert fit.heavier(fit.FitPlan(True, False, False), fit.FitPlan(False, True, False)) == fit.FitPlan(True, True)
+
+
+@pytest.mark.parametrize("baseline", ["stable_diffusion_1", "stable_diffusion_xl", "flux_1"])
+def test_visiting_encoders_and_blocks_give_the_same_images(tmp_path, baseline):
+    full = _model(tmp_path, baseline)
+    fitted = _model(tmp_path, baseline)
+    request = job_request(baseline=baseline, width=64, height=64, steps=3, seeds=[5, 6],
+                          cfg_scale=3.5 if baseline == "flux_1" else 7.0)
+    expected = generate_images(full, request)
+    # On this CPU the "device" is a second copy of each visiting module's weights, made for each forward.
+    plan = fit.FitPlan(encoders_visit=True, blocks_visit=True)
+    assert fitted.fit.apply(fitted, plan, torch.device("cpu"))
+    visitors = fitted.fit.visitors
+    assert set(visitors) >= {"text_encoder", "unet" if baseline != "flux_1" else "transformer"}
+    got = generate_images(fitted, request)
+    assert fitted.fit.visits() > 0
+    for a, b in zip(got, expected, strict=True):
+        assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
+    # Between forwards every visiting module points at its host copy again.
+    for visitor in (v for group in visitors.values() for v in group):
+        chunks = [(c.data_ptr(), c.data_ptr() + c.numel()) for c in visitor.weights.chunks]
+        assert all(any(lo <= t.data_ptr() < hi for lo, hi in chunks)
+                   for *_, t in _tensors([visitor.module]) if t.numel())
+    # Back to the full plan: no hooks left, same images.
+    assert fitted.fit.apply(fitted, fit.FitPlan(), torch.device("cpu"))
+    visits = sum(v.visits for group in visitors.values() for v in group)
+    again = generate_images(fitted, request)
+    assert sum(v.visits for group in visitors.values() for v in group) == visits
+    for a, b in zip(again, expected, strict=True):
+        assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
+
+
+def test_the_tiled_vae_step_switches_the_vae_to_tiles_and_back(tmp_path):
+    model = _model(tmp_path, "stable_diffusion_1")
+    model.fit.apply(model, fit.FitPlan(tiled_vae=True), torch.device("cpu"))
+    assert model.pipeline.vae.use_tiling
+    model.fit.apply(model, fit.FitPlan(), torch.device("cpu"))
+    assert not model.pipeline.vae.use_tiling
