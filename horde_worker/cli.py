@@ -54,15 +54,20 @@ def detect_devices(choice: str) -> list[str]:
     return [f"cuda:{i}" for i in range(count)]
 
 
+# RAM the safety checker's process holds (CLIP ViT-L/14 in float32, its activations, torch itself), set aside
+# from the RAM budget before the inference processes share the rest.
+SAFETY_PROCESS_RAM = 3 * 2**30
+
+
 def slot_specs(devices: list[str], settings: BridgeData, log_dir: Path) -> list[SlotSpec]:
     """One inference process per device, its engine running up to max_threads jobs at once; the devices share
-    the RAM budget (total RAM less ram_to_leave_free)."""
+    the RAM budget (total RAM less ram_to_leave_free, less the safety checker's process)."""
     import psutil
 
     from horde_worker.config.bridge_data import parse_amount
 
     total_ram = psutil.virtual_memory().total
-    ram_budget = max(0, total_ram - parse_amount(settings.ram_to_leave_free, total_ram))
+    ram_budget = max(0, total_ram - parse_amount(settings.ram_to_leave_free, total_ram) - SAFETY_PROCESS_RAM)
     keep_on_device, keep_in_ram = settings.memory_tier()
     return [SlotSpec(slot=index, device=device, log_dir=str(log_dir), ram_budget=ram_budget // len(devices),
                      post_process_overlap=settings.post_process_job_overlap,

@@ -85,8 +85,8 @@ def test_unknown_and_not_yet_honoured_keys_are_reported(tmp_path):
     notices = load_config(path, environ={}).notices
     assert any("unknown key 'max_thread'" in n for n in notices)
     assert any(n.startswith("allow_sdxl_controlnet is set but not acted on yet") for n in notices)
-    assert any(n.startswith("high_performance_mode is set but not acted on yet") for n in notices)
-    assert not any("post_process_job_overlap" in n or "high_memory_mode" in n for n in notices)  # honoured now
+    honoured = ("post_process_job_overlap", "high_memory_mode", "high_performance_mode")
+    assert not any(key in n for n in notices for key in honoured)  # honoured now
 
 
 def test_empty_models_to_load_means_top_two():
@@ -114,3 +114,36 @@ def test_a_file_that_is_not_utf8_is_named_with_the_fix(tmp_path):
     path.write_bytes(b"dreamer_name: caf\xe9\n")
     with pytest.raises(ConfigError, match=r"bridgeData.yaml: byte b.\\xe9. at position 17 is not UTF-8; save"):
         load_config(path)
+
+
+def test_performance_modes_pop_jobs_ahead_and_are_live():
+    from horde_worker.config.bridge_data import LIVE_KEYS, NOT_YET_HONOURED, BridgeData
+
+    assert BridgeData().extra_queue(4) == 0
+    assert BridgeData(moderate_performance_mode=True).extra_queue(4) == 1
+    assert BridgeData(high_performance_mode=True).extra_queue(4) == 4  # a whole engine's worth
+    assert BridgeData(high_performance_mode=True, moderate_performance_mode=True).extra_queue(1) == 2
+    assert {"high_performance_mode", "moderate_performance_mode"} <= LIVE_KEYS
+    assert not {"high_performance_mode", "moderate_performance_mode"} & set(NOT_YET_HONOURED)
+
+
+def test_preload_timeout_must_be_positive():
+    import pydantic
+
+    from horde_worker.config.bridge_data import BridgeData
+
+    assert BridgeData().preload_timeout == 80
+    with pytest.raises(pydantic.ValidationError, match="preload_timeout"):
+        BridgeData(preload_timeout=0)
+
+
+def test_the_ram_budget_covers_every_process_of_the_worker(tmp_path):
+    import psutil
+
+    from horde_worker.cli import SAFETY_PROCESS_RAM, slot_specs
+
+    total = psutil.virtual_memory().total
+    one = slot_specs(["cpu"], BridgeData(ram_to_leave_free="50%"), tmp_path)
+    two = slot_specs(["cuda:0", "cuda:1"], BridgeData(ram_to_leave_free="50%"), tmp_path)
+    assert one[0].ram_budget == max(0, total - total // 2 - SAFETY_PROCESS_RAM)
+    assert [s.ram_budget for s in two] == [one[0].ram_budget // 2] * 2

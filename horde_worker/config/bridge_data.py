@@ -22,7 +22,7 @@ LIVE_KEYS = frozenset({
     "nsfw", "blacklist", "censorlist", "censor_nsfw", "priority_usernames", "max_power", "max_batch", "queue_size",
     "allow_img2img", "allow_painting", "allow_unsafe_ip", "allow_post_processing", "allow_controlnet",
     "allow_sdxl_controlnet", "allow_lora", "extra_slow_worker", "limit_max_steps", "require_upfront_kudos",
-    "stats_output_frequency", "limited_console_messages",
+    "stats_output_frequency", "limited_console_messages", "high_performance_mode", "moderate_performance_mode",
     "models_to_load", "models_to_skip", "custom_models", "load_large_models",
 })
 # Live keys that change which models are served: new ones are downloaded, then advertised.
@@ -34,8 +34,6 @@ NOT_YET_HONOURED: dict[str, str] = {
     "allow_sdxl_controlnet": "the horde's reference has no SDXL ControlNet for the nine control types; the horde "
                              "is told this worker does no SDXL ControlNet",
     "purge_loras_on_download": "the LoRA cache is trimmed by max_lora_cache_size (least recently used first)",
-    "high_performance_mode": "performance modes are not built yet",
-    "moderate_performance_mode": "performance modes are not built yet",
 }
 
 _PERCENT_OR_MB = re.compile(r"^\s*(\d+(\.\d+)?)\s*(%|MB|GB)?\s*$", re.IGNORECASE)
@@ -115,6 +113,8 @@ class BridgeData(BaseModel):
     moderate_performance_mode: bool = False
     unload_models_from_vram_often: bool = True
     very_fast_disk_mode: bool = False
+    # Seconds a model may take to read from disk before the worker warns that the disk is holding jobs up.
+    preload_timeout: int = Field(80, ge=1)
     post_process_job_overlap: bool = False
     # Compiled denoisers per batch-size bucket: "auto" (on for CUDA GPUs), "on", "off", or "cudagraphs"
     # (also captures CUDA graphs; compiled in the engine's own thread).
@@ -127,6 +127,14 @@ class BridgeData(BaseModel):
     exit_on_unhandled_faults: bool = False
     stats_output_frequency: int = Field(30, ge=1)
     limited_console_messages: bool = False
+
+    def extra_queue(self, engine_places: int) -> int:
+        """Jobs popped ahead beyond queue_size: high_performance_mode keeps a whole engine's worth more (at
+        least two), moderate_performance_mode one more. More jobs in hand means less idle time between jobs,
+        and a larger share of them at risk of their TTL when the worker cannot keep up."""
+        if self.high_performance_mode:
+            return max(2, engine_places)
+        return 1 if self.moderate_performance_mode else 0
 
     def memory_tier(self) -> tuple[bool, bool]:
         """(keep_on_device, keep_in_ram) for the inference processes, from the memory settings:

@@ -232,8 +232,21 @@ class Supervisor:
             for slot in self.pool.restart_due():
                 logger.info("inference slot {} restarted (attempt {} in a row)", slot.spec.slot, slot.failures_in_row)
         self.timekeeper.sweep()
+        self._warn_slow_preloads()
         self._dispatch()
 
+    def _warn_slow_preloads(self) -> None:
+        """A model read that has taken longer than preload_timeout: once per read, say which and how long, since a
+        slow or failing disk holds up every job of that model."""
+        limit = self.settings.preload_timeout
+        now = time.monotonic()
+        for slot in self.pool.slots:
+            for name, since in list(slot.preloading.items()):
+                if since >= 0 and now - since > limit:
+                    logger.warning("slot {}: reading {} from disk has taken {:.0f}s (preload_timeout {}s): a slow or "
+                                   "failing disk holds up its jobs; see logs/trace.log", slot.spec.slot, name,
+                                   now - since, limit)
+                    slot.preloading[name] = -1.0  # warned once
     async def _prepare_worker(self) -> None:
         if not self.settings.remove_maintenance_on_init:
             return
@@ -273,7 +286,8 @@ class Supervisor:
         waiting = sum(1 for j in self.jobs.values()
                       if j.state in (JobState.POPPED, JobState.INPUTS_READY, JobState.QUEUED, JobState.GENERATED))
         free_room = sum(slot.free_room for slot in working)
-        return waiting < self.settings.queue_size + free_room
+        extra = self.settings.extra_queue(sum(slot.spec.max_jobs for slot in working))
+        return waiting < self.settings.queue_size + extra + free_room
 
     async def sleep_unless_stopping(self, seconds: float) -> None:
         """Sleep, waking early when the worker starts stopping."""
@@ -371,7 +385,7 @@ class Supervisor:
             return
         model = self.catalog.get(upcoming.model)
         if self.pool.send(slot, Preload(model.name, str(model.path), model.v_prediction)):
-            slot.preloading.add(model.name)
+            slot.preloading[model.name] = time.monotonic()
 
     def slot_of(self, job: Job) -> Slot | None:
         """The slot sampling `job`, if any."""

@@ -51,7 +51,7 @@ class SlotEvents:
             slot.ready = True
             logger.info("inference slot {} ready on {}", slot.spec.slot, message.device_name)
         elif isinstance(message, Preloaded):
-            slot.preloading.discard(message.model_name)
+            slot.preloading.pop(message.model_name, None)
             slot.resident = list(message.resident_models)
             if message.error:
                 logger.warning("preloading {} failed: {}", message.model_name, message.error)

@@ -38,7 +38,8 @@ class Slot:
     device_name: str = ""
     job_ids: set[str] = field(default_factory=set)  # the jobs its engine holds (up to spec.max_jobs)
     resident: list[str] = field(default_factory=list)
-    preloading: set[str] = field(default_factory=set)
+    # Models this slot is reading from disk ahead of their jobs: name -> when the read was asked for.
+    preloading: dict[str, float] = field(default_factory=dict)
     restarts: int = 0
     generation: int = 0  # bumps on every restart so stale reader threads are ignored
     failures_in_row: int = 0  # deaths since the last job this slot answered
@@ -98,7 +99,7 @@ class SlotPool:
         child.close()  # so that the parent's end reads EOF when the process dies
         slot.generation += 1
         slot.process, slot.conn, slot.ready, slot.job_ids, slot.resident = process, parent, False, set(), []
-        slot.preloading, slot.restart_at, slot.stops, slot.killed_on_purpose = set(), None, {}, False
+        slot.preloading, slot.restart_at, slot.stops, slot.killed_on_purpose = {}, None, {}, False
         reader = threading.Thread(target=self._read, args=(slot, parent, slot.generation),
                                   name=f"slot-{slot.spec.slot}-reader", daemon=True)
         reader.start()
