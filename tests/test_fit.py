@@ -82,3 +82,23 @@ def test_the_tiled_vae_step_switches_the_vae_to_tiles_and_back(tmp_path):
     assert model.pipeline.vae.use_tiling
     model.fit.apply(model, fit.FitPlan(), torch.device("cpu"))
     assert not model.pipeline.vae.use_tiling
+
+
+def test_the_residency_plans_against_what_the_device_can_hold_beside_busy_models(tmp_path):
+    from horde_worker.inference.residency import Residency
+
+    model = _model(tmp_path, "stable_diffusion_xl")
+    residency = Residency(torch.device("cpu"), torch.float32, ram_budget=None, device_budget=None)
+    phases = job_phases("stable_diffusion_xl", 1024, 1024, 1)
+    assert residency.capacity("m") is None and residency._plan("m", model, phases).full  # a CPU: nothing to fit
+    total = sum(fit.model_parts(model.pipeline).values())
+    residency.capacity_override = total + max(phases)
+    assert residency._plan("m", model, phases).full
+    # Another model in use by a running job takes its share of the card: this one's text encoders must wait.
+    residency.sizes["other"] = 1
+    residency.on_device["other"] = object()
+    residency._pinned["other"] += 1
+    assert residency.capacity("m") == total + max(phases) - 1
+    assert residency._plan("m", model, phases) == fit.FitPlan(encoders_visit=True)
+    residency._pinned.clear()  # not in use: it can be evicted, so it does not count
+    assert residency._plan("m", model, phases).full

@@ -43,7 +43,7 @@ class FitPlan:
         steps = [text for on, text in ((self.encoders_visit, "text encoders in RAM"),
                                        (self.tiled_vae, "tiled VAE"),
                                        (self.blocks_visit, "denoiser streamed from RAM (slow)")) if on]
-        return ", ".join(steps) or "all on the GPU"
+        return ", ".join(steps) or "all on the device"
 
 
 def plan(parts: dict[str, int], denoise_need: int, decode_need: int, capacity: int | None) -> FitPlan:
