@@ -87,3 +87,35 @@ def test_a_tensor_shared_by_two_modules_stays_shared():
         with torch.no_grad():
             first.weight.add_(1)
         assert torch.equal(first.weight, second.weight)
+
+
+def test_a_model_moves_as_one_layout_per_component_leaving_visiting_encoders_in_ram(tmp_path):
+    import numpy as np
+
+    from horde_worker.inference import fit
+    from horde_worker.inference.generate import generate_images
+    from horde_worker.inference.residency import move
+    from tests.conftest import job_request
+
+    path = write_tiny_checkpoint(tmp_path / "m.safetensors", "stable_diffusion_xl")
+    model = load_pipeline(path, torch.device("cpu"), torch.float32)
+    request = job_request(baseline="stable_diffusion_xl", width=64, height=64, steps=3)
+    expected = generate_images(model, request)[0].astype(int)
+    model.fit.apply(model, fit.FitPlan(encoders_visit=True), torch.device("cpu"))
+    move(model, "cpu", pack=True)  # as to a GPU: the layouts' device buffers are this CPU's memory here
+    assert set(model.weights) == {"unet", "vae"}  # the text encoders visit on their own
+    for name, packed in model.weights.items():
+        assert _pointers_inside([getattr(model.pipeline, name)], [packed.device_buffer])
+    got = generate_images(model, request)[0].astype(int)
+    assert np.abs(got - expected).max() <= 1
+    move(model, "cpu")  # back: nothing copied, every weight points at its host chunks again
+    for name, packed in model.weights.items():
+        assert packed.device_buffer is None
+        assert _pointers_inside([getattr(model.pipeline, name)], packed.chunks)
+    # With the host copy given up, the next move out is module by module and the layout is gone.
+    move(model, "cpu", pack=True)
+    for packed in model.weights.values():
+        packed.release_host_copy()
+    move(model, "cpu")
+    assert model.weights == {}
+    assert np.abs(generate_images(model, request)[0].astype(int) - expected).max() <= 1

@@ -36,13 +36,13 @@ def modules_of(model: LoadedModel) -> list[torch.nn.Module]:
     return [c for c in model.pipeline.components.values() if isinstance(c, torch.nn.Module)]
 
 
-def move(model: LoadedModel, device: torch.device | str) -> float:
+def move(model: LoadedModel, device: torch.device | str, pack: bool | None = None) -> float:
     """Move the pipeline's modules (all but those visiting the device on their own, see inference/fit.py);
     returns the seconds it took. To and from a GPU each component travels as one layout
     (`transfer.PackedWeights`, pinned host chunks kept for the way back, so leaving the GPU copies nothing);
     otherwise module by module (the pipeline-level move warns about fp16 on a CPU, which is only where the
-    weights wait, never where they run)."""
-    from horde_worker.inference.transfer import PackedWeights
+    weights wait, never where they run). `pack` forces the layout on or off (default: for a GPU)."""
+    from horde_worker.inference.transfer import PackedWeights, pinning_available
 
     start = time.perf_counter()
     device = torch.device(device)
@@ -53,10 +53,10 @@ def move(model: LoadedModel, device: torch.device | str) -> float:
         if not isinstance(module, torch.nn.Module) or id(module) in visiting_ids:
             continue
         packed = model.weights.get(name)
-        if device.type == "cuda":
+        if device.type == "cuda" if pack is None else pack:
             if packed is None or not packed.has_host_copy:
                 _to_except(module, "cpu", visiting_ids)
-                packed = model.weights[name] = PackedWeights([module], pin=True, exclude=visiting)
+                packed = model.weights[name] = PackedWeights([module], pin=pinning_available(), exclude=visiting)
             packed.to_device(device)
         elif packed is not None and packed.device_buffer is not None and packed.has_host_copy:
             packed.to_host()
