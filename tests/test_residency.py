@@ -1,7 +1,10 @@
-"""Model residency in a real inference process: budgets, least-recent eviction, preloading, flat RSS."""
+"""Model residency in a real inference process: budgets, least-recent eviction, preloading, flat RSS.
+
+`HORDE_ROTATION_JOBS` sets the rotation's length (default 120; 1000 for the long figure)."""
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 
@@ -21,6 +24,7 @@ from horde_worker.inference.tiny import write_tiny_checkpoint
 from horde_worker.supervisor.slots import SlotPool
 
 MODEL_BYTES = 18_400_000  # one tiny SD1 checkpoint in fp32, about
+ROTATION_JOBS = max(40, int(os.environ.get("HORDE_ROTATION_JOBS", "120")))
 
 
 @pytest.fixture(scope="module")
@@ -43,11 +47,11 @@ class SlotHarness:
     def next(self, timeout: float = 120):
         return self.messages.get(timeout=timeout)
 
-    def run(self, path, name: str, job: str) -> GenerateResult:
+    def run(self, path, name: str, job: str, post_processing: list | None = None) -> GenerateResult:
         self.pool.send(self.slot, GenerateRequest(
             job_id=job, model_name=name, model_path=str(path), baseline="stable_diffusion_1", prompt="x",
             negative_prompt="", width=64, height=64, steps=1, cfg_scale=2.0, sampler_name="k_euler", karras=False,
-            seeds=[1]))
+            seeds=[1], post_processing=post_processing or []))
         while True:
             message = self.next()
             if isinstance(message, GenerateResult):
@@ -62,21 +66,31 @@ class SlotHarness:
 
 
 def test_rotation_over_five_models_stays_in_budget_with_flat_rss(tmp_path, five_models):
+    from horde_worker.inference.tiny_postprocess import write_tiny_upscaler
+
     budget = int(MODEL_BYTES * 2.5)  # room for two models in RAM
+    # Every third job is upscaled too, by one of two upscalers in turn: post-processing models come and go.
+    upscalers = [[("RealESRGAN_x2plus", str(write_tiny_upscaler(tmp_path / "x2.pth", 2)))],
+                 [("RealESRGAN_x4plus", str(write_tiny_upscaler(tmp_path / "x4.pth", 4)))]]
     harness = SlotHarness(tmp_path, budget)
+    early, last = ROTATION_JOBS // 3 - 1, ROTATION_JOBS - 1
     try:
         sources, rss = [], {}
-        for job in range(120):
+        for job in range(ROTATION_JOBS):
             index = job % 5
-            result = harness.run(five_models[index], f"m{index}", f"job{job}")
+            post = upscalers[(job // 3) % 2] if job % 3 == 2 else None
+            result = harness.run(five_models[index], f"m{index}", f"job{job}", post)
             assert result.resident_bytes <= budget, (job, result.resident_bytes)
             assert len(result.resident_models) <= 2
+            if post:
+                scale = 2 if "x2" in post[0][0] else 4
+                assert result.images[0].shape[:2] == (64 * scale, 64 * scale), job
             sources.append(result.load_source)
-            if job in (39, 119):
+            if job in (early, last):
                 rss[job] = harness.rss()
-        assert sources.count("disk") == 120  # rotating 5 over room for 2: every job switches
-        growth = (rss[119] - rss[39]) / rss[39]
-        assert growth < 0.05, f"RSS grew {growth:.1%} from job 40 to job 120 ({rss})"
+        assert sources.count("disk") == ROTATION_JOBS  # rotating 5 over room for 2: every job switches
+        growth = (rss[last] - rss[early]) / rss[early]
+        assert growth < 0.05, f"RSS grew {growth:.1%} from job {early + 1} to job {last + 1} ({rss})"
     finally:
         harness.stop()
 

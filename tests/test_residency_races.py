@@ -22,8 +22,10 @@ SETTLE = 1.0  # for what may not happen at all in a given interleaving
 
 def fake_model(name: str):
     """What Residency needs of a LoadedModel: torch modules in `pipeline.components` (10x10 Linear: 440 bytes)."""
+    from horde_worker.inference.fit import FittedModel
+
     return SimpleNamespace(name=name, pipeline=SimpleNamespace(components={"unet": torch.nn.Linear(10, 10)}),
-                           controlnets={})
+                           controlnets={}, weights={}, fit=FittedModel())
 
 
 MODEL_BYTES = pipeline_bytes(fake_model("probe"))
