@@ -1,11 +1,17 @@
 """The models this worker serves: resolved names, their files under cache_home, missing files fetched.
 
 Checkpoints live in `<cache_home>/compvis/`, the layout the reGen worker uses, so an existing
-reGen model cache is served in place without downloading anything again.
+reGen model cache is served in place without downloading anything again. A split entry's parts go where
+its reference entry says, relative to that folder (`<cache_home>/vae/`, `<cache_home>/text_encoders/`);
+a part two models share (a VAE, a text encoder) is one file, fetched once. Such a model is served from a
+small manifest beside the checkpoints (`<name>.parts.json`) naming its parts, which the loader reads.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,14 +20,17 @@ from horde_worker.inference.tiny import DEMO_MODEL_NAME, ensure_demo_model
 from horde_worker.models.controlnets import ControlSetup
 from horde_worker.models.download import DownloadTask
 from horde_worker.models.postprocessors import PostProcessSetup
-from horde_worker.models.reference import ModelEntry, ModelReference
+from horde_worker.models.reference import ModelEntry, ModelFile, ModelReference
 from horde_worker.models.resolve import resolve
 
 # Baselines whose checkpoints this worker loads and generates with.
 LOADABLE_BASELINES = {"stable_diffusion_1", "stable_diffusion_2", "stable_diffusion_xl", "flux_1"}
 REFUSED_BASELINES = {
-    "stable_cascade": "Stable Cascade is not supported by this worker",
+    "stable_cascade": "Stable Cascade is not supported by this worker yet",
+    "qwen_image": "Qwen-Image is not supported by this worker yet",
+    "z_image_turbo": "Z-Image-Turbo is not supported by this worker yet",
 }
+MANIFEST_SUFFIX = ".parts.json"
 
 
 @dataclass(frozen=True)
@@ -79,12 +88,35 @@ class CatalogPlan:
 
     @property
     def bytes_to_download(self) -> int:
-        return sum(task.size or 0 for _, task in self.to_download)
+        return sum(task.size or 0 for task in unique_tasks([task for _, task in self.to_download]))
+
+
+def file_path(file: ModelFile, cache_home: Path) -> Path:
+    """Where one of a reference entry's files lives under cache_home."""
+    return Path(os.path.normpath(Path(cache_home) / "compvis" / file.directory / file.name))
 
 
 def checkpoint_path(entry: ModelEntry, cache_home: Path) -> Path:
-    """Where a reference entry's checkpoint lives under cache_home."""
-    return Path(cache_home) / "compvis" / entry.checkpoint.name
+    """What the loader is given for a reference entry: its checkpoint, or a split entry's manifest."""
+    if entry.is_split:
+        return Path(cache_home) / "compvis" / (re.sub(r"[^A-Za-z0-9._-]+", "_", entry.name) + MANIFEST_SUFFIX)
+    return file_path(entry.checkpoint, cache_home)
+
+
+def write_manifest(entry: ModelEntry, cache_home: Path) -> Path:
+    """A split entry's manifest: its baseline and each part's files (relative to the manifest's folder)."""
+    path = checkpoint_path(entry, cache_home)
+    parts: dict[str, list[str]] = {}
+    for file in entry.files:
+        relative = os.path.relpath(file_path(file, cache_home), path.parent)
+        parts.setdefault(file.file_type or "checkpoint", []).append(relative)
+    text = json.dumps({"name": entry.name, "baseline": entry.baseline, "parts": parts}, indent=1)
+    if not path.exists() or path.read_text() != text:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(text)
+        tmp.replace(path)
+    return path
 
 
 def plan_catalog(models_to_load: list[str], models_to_skip: list[str], cache_home: Path, reference: ModelReference,
@@ -123,12 +155,17 @@ def plan_catalog(models_to_load: list[str], models_to_skip: list[str], cache_hom
             continue
         path = checkpoint_path(entry, cache_home)
         missing = []
-        if not path.exists():
-            if not entry.checkpoint.url:
-                plan.notices.append(f"models_to_load: {entry.name!r}: {path} is missing and the reference gives no URL")
-                continue
-            size = entry.size_bytes if len(entry.files) == 1 else None
-            missing.append(DownloadTask(entry.checkpoint.url, path, entry.checkpoint.sha256, size))
+        files = entry.files if entry.is_split else (entry.checkpoint,)
+        unreachable = [file_path(f, cache_home) for f in files if not file_path(f, cache_home).exists() and not f.url]
+        if unreachable:
+            plan.notices.append(f"models_to_load: {entry.name!r}: {unreachable[0]} is missing and the reference "
+                                "gives no URL")
+            continue
+        for file in files:
+            dest = file_path(file, cache_home)
+            if not dest.exists():
+                size = entry.size_bytes if len(entry.files) == 1 else None
+                missing.append(DownloadTask(file.url, dest, file.sha256, size))
         if entry.baseline == "flux_1":
             tokenizer = path.parent / T5_TOKENIZER_DIR / "tokenizer.json"
             if not tokenizer.exists() and not any(t.dest == tokenizer for _, t in plan.to_download):
@@ -136,12 +173,21 @@ def plan_catalog(models_to_load: list[str], models_to_skip: list[str], cache_hom
         if missing:
             plan.to_download += [(entry, task) for task in missing]
         else:
-            plan.ready.append(served_from_entry(entry, path))
+            plan.ready.append(served_from_entry(entry, path, cache_home))
     return plan
 
 
-def served_from_entry(entry: ModelEntry, path: Path) -> ServedModel:
-    """The ServedModel of a reference entry whose checkpoint is at `path`."""
+def unique_tasks(tasks: list[DownloadTask]) -> list[DownloadTask]:
+    """Each destination once: a file two models share is downloaded once."""
+    seen: set[Path] = set()
+    return [t for t in tasks if not (t.dest in seen or seen.add(t.dest))]
+
+
+def served_from_entry(entry: ModelEntry, path: Path, cache_home: Path | None = None) -> ServedModel:
+    """The ServedModel of a reference entry whose checkpoint (or split entry's manifest) is at `path`; a split
+    entry's manifest is written here (its parts all present)."""
+    if entry.is_split:
+        path = write_manifest(entry, cache_home if cache_home is not None else path.parent.parent)
     return ServedModel(entry.name, path, entry.baseline, entry.v_prediction,
                        _int_or_none(entry.requirements.get("min_steps")), _int_or_none(entry.requirements.get("max_steps")))
 

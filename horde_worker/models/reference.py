@@ -1,6 +1,9 @@
 """The horde's image model reference: fetched at start, last good copy kept, shipped snapshot last.
 
-Only models in the reference (or the user's custom_models) are advertised to the horde.
+Only models in the reference (or the user's custom_models) are advertised to the horde. The reference's
+main branch lacks the newest baselines (Qwen-Image, Z-Image-Turbo): their entries come from its `zmodel`
+branch, merged in for names the main branch does not have. Those entries list split files (a diffusion model,
+a VAE, text encoders, each with its own directory beside the checkpoints), ComfyUI's layout.
 """
 
 from __future__ import annotations
@@ -16,7 +19,11 @@ from loguru import logger
 DEFAULT_REFERENCE_URL = (
     "https://raw.githubusercontent.com/Haidra-Org/AI-Horde-image-model-reference/main/stable_diffusion.json"
 )
+NEW_BASELINES_REFERENCE_URL = (
+    "https://raw.githubusercontent.com/Haidra-Org/AI-Horde-image-model-reference/zmodel/stable_diffusion.json"
+)
 SNAPSHOT = Path(__file__).parent / "data" / "stable_diffusion.json"
+NEW_BASELINES_SNAPSHOT = Path(__file__).parent / "data" / "stable_diffusion.zmodel.json"
 
 # The reference's baseline names, as this worker calls them.
 BASELINES = {
@@ -27,10 +34,16 @@ BASELINES = {
     "stable_diffusion_2": "stable_diffusion_2",
     "stable_diffusion_xl": "stable_diffusion_xl",
     "stable_cascade": "stable_cascade",
+    "qwen_image": "qwen_image",
+    "z_image_turbo": "z_image_turbo",
     "flux_1": "flux_1",
     "flux_schnell": "flux_1",
     "flux_dev": "flux_1",
 }
+# Baselines served only with load_large_models: the weights alone exceed 8 GB.
+LARGE_BASELINES = frozenset({"stable_cascade", "flux_1", "qwen_image", "z_image_turbo"})
+# The file types of a split entry that hold the diffusion model itself (the others: vae, text_encoders, ...).
+MAIN_FILE_TYPES = (None, "unet", "ckpt", "stable_cascade_stage_c")
 
 
 @dataclass(frozen=True)
@@ -40,6 +53,11 @@ class ModelFile:
     name: str
     sha256: str | None
     url: str | None
+    # A split entry's part: "unet", "vae", "text_encoders", "stable_cascade_stage_b"/"_c"; None for a
+    # checkpoint that holds everything.
+    file_type: str | None = None
+    # Where it goes, relative to the checkpoint folder (a split entry's VAE: "../vae").
+    directory: str = ""
 
 
 @dataclass(frozen=True)
@@ -59,13 +77,19 @@ class ModelEntry:
 
     @property
     def checkpoint(self) -> ModelFile:
-        """The weights file (the first file with a hash, else the first download)."""
-        return next((f for f in self.files if f.sha256), self.files[0])
+        """The weights file of the diffusion model (the first such file with a hash, else the first file)."""
+        main = [f for f in self.files if f.file_type in MAIN_FILE_TYPES]
+        return next((f for f in main if f.sha256), (main or list(self.files))[0])
+
+    @property
+    def is_split(self) -> bool:
+        """The entry's parts are separate files (diffusion model, VAE, text encoders, ...)."""
+        return any(f.file_type for f in self.files)
 
     @property
     def is_large(self) -> bool:
-        """Cascade and Flux need load_large_models."""
-        return self.baseline in ("stable_cascade", "flux_1")
+        """Cascade, Flux, Qwen-Image and Z-Image need load_large_models."""
+        return self.baseline in LARGE_BASELINES
 
 
 def parse_entry(raw: dict[str, Any]) -> ModelEntry | None:
@@ -77,12 +101,14 @@ def parse_entry(raw: dict[str, Any]) -> ModelEntry | None:
         path = item.get("path")
         if not path or path.endswith((".yaml", ".yml")):
             continue
-        url = (downloads.get(path) or {}).get("file_url")
+        download = downloads.get(path) or {}
         sha = item.get("sha256sum")
-        files.append(ModelFile(path, sha.lower() if sha else None, url))
+        directory = str(item.get("directory") or download.get("file_path") or "")
+        files.append(ModelFile(path, sha.lower() if sha else None, download.get("file_url"),
+                               item.get("file_type") or None, directory))
     for name, download in downloads.items():
         if not any(f.name == name for f in files):
-            files.append(ModelFile(name, None, download.get("file_url")))
+            files.append(ModelFile(name, None, download.get("file_url"), None, str(download.get("file_path") or "")))
     if not files:
         return None
     yaml_files = [item.get("path", "") for item in config.get("files") or []]
@@ -121,10 +147,10 @@ def _valid(data: Any) -> bool:
     return isinstance(data, dict) and len(data) > 0 and all(isinstance(v, dict) for v in data.values())
 
 
-def load_reference(cache_dir: Path, url: str | None = DEFAULT_REFERENCE_URL, timeout: float = 20.0) -> ModelReference:
-    """The current reference from `url`; else the last good copy in `cache_dir`; else the shipped snapshot."""
-    cache_dir = Path(cache_dir)
-    cached = cache_dir / "stable_diffusion.json"
+def _fetch_or_keep(cache_dir: Path, file_name: str, url: str | None, snapshot: Path, timeout: float,
+                  what: str) -> tuple[dict[str, Any], str]:
+    """A reference file from `url`; else the last good copy in `cache_dir`; else the shipped snapshot."""
+    cached = cache_dir / file_name
     if url:
         try:
             response = requests.get(url, timeout=timeout)
@@ -136,14 +162,34 @@ def load_reference(cache_dir: Path, url: str | None = DEFAULT_REFERENCE_URL, tim
             tmp = cached.with_suffix(".tmp")
             tmp.write_text(json.dumps(data))
             tmp.replace(cached)
-            return ModelReference(data, f"fetched from {url}")
+            return data, f"fetched from {url}"
         except (requests.RequestException, ValueError) as exc:
-            logger.warning("model reference not fetched ({}): using the last good copy", type(exc).__name__)
+            logger.warning("{} not fetched ({}): using the last good copy", what, type(exc).__name__)
     if cached.exists():
         try:
             data = json.loads(cached.read_text())
             if _valid(data):
-                return ModelReference(data, f"last good copy {cached}")
+                return data, f"last good copy {cached}"
         except ValueError:
-            logger.warning("the saved model reference {} is damaged; using the shipped snapshot", cached)
-    return ModelReference(json.loads(SNAPSHOT.read_text()), "snapshot shipped with the worker")
+            logger.warning("the saved {} {} is damaged; using the shipped snapshot", what, cached)
+    return json.loads(snapshot.read_text()), "snapshot shipped with the worker"
+
+
+def load_reference(cache_dir: Path, url: str | None = DEFAULT_REFERENCE_URL, timeout: float = 20.0,
+                   new_baselines_url: str | None | bool = True) -> ModelReference:
+    """The current reference from `url` (else the last good copy in `cache_dir`, else the shipped snapshot), with
+    the entries of the newest baselines merged in from `new_baselines_url` for names it lacks. By default that is
+    the reference's zmodel branch when `url` is the horde's own reference (a custom reference stays as it is)."""
+    cache_dir = Path(cache_dir)
+    data, source = _fetch_or_keep(cache_dir, "stable_diffusion.json", url, SNAPSHOT, timeout, "model reference")
+    if new_baselines_url is True:
+        new_baselines_url = NEW_BASELINES_REFERENCE_URL if url in (DEFAULT_REFERENCE_URL, None) else False
+    if new_baselines_url is not False:
+        extra, extra_source = _fetch_or_keep(cache_dir, "stable_diffusion.zmodel.json", new_baselines_url or None,
+                                             NEW_BASELINES_SNAPSHOT, timeout, "new baselines' model reference")
+        known = {str(v.get("name", k)).lower() for k, v in data.items()}
+        added = {k: v for k, v in extra.items() if str(v.get("name", k)).lower() not in known}
+        if added:
+            data = {**data, **added}
+            source += f" + {len(added)} from {extra_source}"
+    return ModelReference(data, source)

@@ -1,9 +1,10 @@
 """models_to_load / models_to_skip: names and meta-instructions resolved against the reference.
 
-Meta-instructions (case-insensitive): ALL or ALL MODELS; ALL SDXL, ALL SD15, ALL SD21;
-ALL INPAINTING; ALL SFW, ALL NSFW; TOP n and BOTTOM n by the horde's monthly usage counts.
-Skip entries resolve the same way and are taken out. Cascade and Flux models need
-load_large_models.
+Meta-instructions (case-insensitive, with or without a trailing MODELS, as the reGen template writes
+them: "ALL SDXL MODELS"): ALL or ALL MODELS; ALL SDXL, ALL SD15, ALL SD21; ALL FLUX, ALL CASCADE, ALL QWEN,
+ALL ZIMAGE (or ALL Z-IMAGE); ALL INPAINTING; ALL SFW, ALL NSFW; TOP n and BOTTOM n by the horde's monthly
+usage counts. Skip entries resolve the same way and are taken out. Cascade, Flux, Qwen-Image and Z-Image
+models need load_large_models.
 """
 
 from __future__ import annotations
@@ -21,6 +22,11 @@ _GROUPS: dict[str, Callable[[ModelEntry], bool]] = {
     "ALL SDXL": lambda e: e.baseline == "stable_diffusion_xl",
     "ALL SD15": lambda e: e.baseline == "stable_diffusion_1",
     "ALL SD21": lambda e: e.baseline == "stable_diffusion_2",
+    "ALL FLUX": lambda e: e.baseline == "flux_1",
+    "ALL CASCADE": lambda e: e.baseline == "stable_cascade",
+    "ALL QWEN": lambda e: e.baseline == "qwen_image",
+    "ALL ZIMAGE": lambda e: e.baseline == "z_image_turbo",
+    "ALL Z-IMAGE": lambda e: e.baseline == "z_image_turbo",
     "ALL INPAINTING": lambda e: e.inpainting,
     "ALL SFW": lambda e: not e.nsfw,
     "ALL NSFW": lambda e: e.nsfw,
@@ -50,6 +56,8 @@ def _expand(items: list[str], reference: ModelReference, eligible: list[ModelEnt
     for item in items:
         text = item.strip()
         upper = re.sub(r"\s+", " ", text.upper())
+        if upper not in _GROUPS and upper.endswith(" MODELS") and upper.removesuffix(" MODELS") in _GROUPS:
+            upper = upper.removesuffix(" MODELS")  # "ALL SDXL MODELS", "ALL SFW MODELS": the reGen template's forms
         if upper in _GROUPS:
             out += [e.name for e in eligible if _GROUPS[upper](e)]
             continue

@@ -1,0 +1,133 @@
+"""Split-file reference entries (Qwen-Image, Z-Image-Turbo, Stable Cascade): read from both branches of the
+reference, resolved by the new meta-instructions, and their parts downloaded into their own directories,
+verified and resumable, a part two models share fetched once."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+
+import pytest
+
+from horde_worker.models.catalog import checkpoint_path, file_path, plan_catalog, unique_tasks
+from horde_worker.models.download import download_all
+from horde_worker.models.reference import ModelReference, load_reference
+from horde_worker.models.resolve import resolve
+from tests.conftest import SHARED_DATA
+from tests.fileserver import FileServer
+
+MAIN = json.loads((SHARED_DATA / "stable_diffusion.json").read_text())
+ZMODEL = json.loads((SHARED_DATA / "stable_diffusion.zmodel.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def merged() -> ModelReference:
+    return ModelReference({**MAIN, **{k: v for k, v in ZMODEL.items() if k not in MAIN}}, "test")
+
+
+def test_split_entries_name_each_part_its_type_and_directory(merged):
+    zimage = merged.get("Z-Image-Turbo")
+    assert zimage.baseline == "z_image_turbo" and zimage.is_split and zimage.is_large
+    assert zimage.checkpoint.name == "z_image_turbo_bf16.safetensors" and zimage.checkpoint.file_type == "unet"
+    parts = {f.file_type: (f.name, f.directory) for f in zimage.files}
+    assert parts == {"unet": ("z_image_turbo_bf16.safetensors", ""), "vae": ("ae.safetensors", "../vae"),
+                     "text_encoders": ("qwen_3_4b.safetensors", "../text_encoders")}
+    assert all(f.sha256 and len(f.sha256) == 64 and f.url for f in zimage.files)
+    cascade = merged.get("Stable Cascade 1.0")
+    assert cascade.is_split and cascade.checkpoint.file_type == "stable_cascade_stage_c"
+    assert {f.file_type for f in cascade.files} == {"stable_cascade_stage_b", "stable_cascade_stage_c"}
+    assert not merged.get("stable_diffusion").is_split  # the one-file entries read as before
+
+
+def test_the_new_baselines_come_from_the_zmodel_branch_for_names_the_main_one_lacks(tmp_path):
+    main = {name: MAIN[name] for name in ("stable_diffusion", "Deliberate")}
+    zmodel = {name: ZMODEL[name] for name in ("Z-Image-Turbo", "Qwen-Image_fp8", "Deliberate")}
+    zmodel["Deliberate"] = {**zmodel["Deliberate"], "description": "the zmodel branch's copy"}
+    with FileServer() as server:
+        server.files["/main.json"] = json.dumps(main).encode()
+        server.files["/zmodel.json"] = json.dumps(zmodel).encode()
+        reference = load_reference(tmp_path, f"{server.url}/main.json", new_baselines_url=f"{server.url}/zmodel.json")
+        assert sorted(reference.names()) == ["Deliberate", "Qwen-Image_fp8", "Z-Image-Turbo", "stable_diffusion"]
+        assert reference.get("Deliberate").raw["description"] != "the zmodel branch's copy"  # main wins
+        # A custom reference URL is taken as it is.
+        assert len(load_reference(tmp_path / "custom", f"{server.url}/main.json")) == 2
+    # Offline: the last good copies, then the shipped snapshots (which have the new baselines).
+    offline = load_reference(tmp_path, "http://127.0.0.1:9/main.json", new_baselines_url="http://127.0.0.1:9/z.json")
+    assert offline.get("Z-Image-Turbo") is not None and offline.source.startswith("last good copy")
+    shipped = load_reference(tmp_path / "fresh", None)
+    assert shipped.get("Z-Image-Turbo") is not None and shipped.get("Qwen-Image_fp8") is not None
+
+
+def test_meta_instructions_for_the_new_baselines_and_the_regen_forms(merged):
+    def names(*items, large=True):
+        return resolve(list(items), [], merged, {}, large).names
+
+    assert names("ALL ZIMAGE") == ["Z-Image-Turbo"] == names("all z-image models")
+    assert names("ALL QWEN") == ["Qwen-Image_fp8"]
+    assert names("ALL CASCADE") == ["Stable Cascade 1.0"]
+    assert set(names("ALL FLUX")) == {e.name for e in merged.entries.values() if e.baseline == "flux_1"}
+    assert names("ALL SDXL MODELS") == names("ALL SDXL") and len(names("ALL SDXL")) > 10
+    assert names("ALL ZIMAGE", large=False) == []  # gated as Flux is
+    notices = resolve(["Z-Image-Turbo"], [], merged, {}, False).notices
+    assert any("load_large_models" in n for n in notices)
+
+
+def _served_copy(entry: dict, name: str, unet: str) -> dict:
+    """A second model of the same baseline sharing the first one's VAE and text encoder."""
+    other = copy.deepcopy(entry)
+    other["name"] = name
+    other["config"]["files"][0]["path"] = unet
+    other["config"]["download"][0]["file_name"] = unet
+    return other
+
+
+def test_split_parts_download_into_their_directories_verified_and_a_shared_part_once(tmp_path, monkeypatch):
+    from horde_worker.models import catalog
+
+    monkeypatch.setattr("time.sleep", lambda s: None)
+    # Downloadable for this test: the plan is what is checked, not the loader.
+    monkeypatch.setattr(catalog, "LOADABLE_BASELINES", catalog.LOADABLE_BASELINES | {"z_image_turbo"})
+    contents = {"z_image_turbo_bf16.safetensors": b"u" * 3000, "ae.safetensors": b"v" * 2000,
+                "qwen_3_4b.safetensors": b"t" * (3 << 20), "second_unet.safetensors": b"s" * 1000}
+    with FileServer() as server:
+        entry = copy.deepcopy(ZMODEL["Z-Image-Turbo"])
+        second = _served_copy(entry, "Z-Second", "second_unet.safetensors")
+        for raw in (entry, second):
+            for item, download in zip(raw["config"]["files"], raw["config"]["download"], strict=True):
+                item["sha256sum"] = hashlib.sha256(contents[item["path"]]).hexdigest()
+                download["file_url"] = f"{server.url}/{item['path']}"
+        for name, data in contents.items():
+            server.files[f"/{name}"] = data
+        server.cut_once["/qwen_3_4b.safetensors"] = 3 << 19  # cut half way: resumed with a Range request
+        reference = ModelReference({"Z-Image-Turbo": entry, "Z-Second": second}, "test")
+        home = tmp_path / "models"
+        plan = plan_catalog(["Z-Image-Turbo", "Z-Second"], [], home, reference, {}, load_large_models=True)
+        assert not plan.ready and len(plan.to_download) == 6
+        tasks = unique_tasks([task for _, task in plan.to_download])
+        assert len(tasks) == 4 and plan.bytes_to_download == 0  # sizes unknown for split parts
+        assert {t.dest for t in tasks} == {home / "compvis" / "z_image_turbo_bf16.safetensors",
+                                           home / "compvis" / "second_unet.safetensors",
+                                           home / "vae" / "ae.safetensors",
+                                           home / "text_encoders" / "qwen_3_4b.safetensors"}
+        assert download_all(tasks, show_progress=False) == []
+        fetched = [path for path, _ in server.requests]
+        assert fetched.count("/ae.safetensors") == 1 and fetched.count("/qwen_3_4b.safetensors") == 2
+        assert any(path == "/qwen_3_4b.safetensors" and rng for path, rng in server.requests), server.requests
+    again = plan_catalog(["Z-Image-Turbo", "Z-Second"], [], home, reference, {}, load_large_models=True)
+    assert not again.to_download and [m.name for m in again.ready] == ["Z-Image-Turbo", "Z-Second"]
+    manifest = json.loads(again.ready[0].path.read_text())
+    assert again.ready[0].path == checkpoint_path(reference.get("Z-Image-Turbo"), home)
+    assert manifest["baseline"] == "z_image_turbo"
+    folder = again.ready[0].path.parent
+    for kind, files in manifest["parts"].items():
+        for relative in files:
+            assert (folder / relative).resolve().read_bytes() == contents[(folder / relative).name], kind
+    assert file_path(reference.get("Z-Second").files[1], home) == home / "vae" / "ae.safetensors"
+
+
+def test_a_baseline_not_loadable_yet_is_left_out_with_the_reason(merged, tmp_path):
+    plan = plan_catalog(["Qwen-Image_fp8", "Stable Cascade 1.0"], [], tmp_path, merged, {}, load_large_models=True)
+    assert not plan.ready and not plan.to_download
+    assert any("Qwen-Image is not supported by this worker yet" in n for n in plan.notices)
+    assert any("Stable Cascade is not supported by this worker yet" in n for n in plan.notices)
