@@ -86,8 +86,6 @@ def test_split_parts_download_into_their_directories_verified_and_a_shared_part_
     from horde_worker.models import catalog
 
     monkeypatch.setattr("time.sleep", lambda s: None)
-    # Downloadable for this test: the plan is what is checked, not the loader.
-    monkeypatch.setattr(catalog, "LOADABLE_BASELINES", catalog.LOADABLE_BASELINES | {"z_image_turbo"})
     contents = {"z_image_turbo_bf16.safetensors": b"u" * 3000, "ae.safetensors": b"v" * 2000,
                 "qwen_3_4b.safetensors": b"t" * (3 << 20), "second_unet.safetensors": b"s" * 1000}
     with FileServer() as server:
@@ -99,17 +97,24 @@ def test_split_parts_download_into_their_directories_verified_and_a_shared_part_
                 download["file_url"] = f"{server.url}/{item['path']}"
         for name, data in contents.items():
             server.files[f"/{name}"] = data
+        # The Qwen3 tokenizer comes from its own release: here from the loopback server too.
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            server.files[f"/qwen/{name}"] = b"{}"
+        monkeypatch.setattr(catalog, "ZIMAGE_TOKENIZER_URLS",
+                            {n: f"{server.url}/qwen/{n}" for n in ("tokenizer.json", "tokenizer_config.json")})
         server.cut_once["/qwen_3_4b.safetensors"] = 3 << 19  # cut half way: resumed with a Range request
         reference = ModelReference({"Z-Image-Turbo": entry, "Z-Second": second}, "test")
         home = tmp_path / "models"
         plan = plan_catalog(["Z-Image-Turbo", "Z-Second"], [], home, reference, {}, load_large_models=True)
-        assert not plan.ready and len(plan.to_download) == 6
+        assert not plan.ready and len(plan.to_download) == 10
         tasks = unique_tasks([task for _, task in plan.to_download])
-        assert len(tasks) == 4 and plan.bytes_to_download == 0  # sizes unknown for split parts
+        assert len(tasks) == 6 and plan.bytes_to_download == 0  # sizes unknown for split parts
+        tokenizer = home / "text_encoders" / "qwen3-tokenizer"
         assert {t.dest for t in tasks} == {home / "compvis" / "z_image_turbo_bf16.safetensors",
                                            home / "compvis" / "second_unet.safetensors",
                                            home / "vae" / "ae.safetensors",
-                                           home / "text_encoders" / "qwen_3_4b.safetensors"}
+                                           home / "text_encoders" / "qwen_3_4b.safetensors",
+                                           tokenizer / "tokenizer.json", tokenizer / "tokenizer_config.json"}
         assert download_all(tasks, show_progress=False) == []
         fetched = [path for path, _ in server.requests]
         assert fetched.count("/ae.safetensors") == 1 and fetched.count("/qwen_3_4b.safetensors") == 2
@@ -124,6 +129,35 @@ def test_split_parts_download_into_their_directories_verified_and_a_shared_part_
         for relative in files:
             assert (folder / relative).resolve().read_bytes() == contents[(folder / relative).name], kind
     assert file_path(reference.get("Z-Second").files[1], home) == home / "vae" / "ae.safetensors"
+
+
+def test_the_references_requirements_and_unsupported_features_are_refused_with_a_reason(merged, tmp_path):
+    from horde_worker.horde.wire import PopResponse
+    from horde_worker.models.catalog import ModelCatalog, served_from_entry
+    from horde_worker.supervisor.bounds import bounds_reason
+    from horde_worker.supervisor.job import Job
+    from horde_worker.supervisor.jobspec import unsupported_reason
+
+    entry = merged.get("Z-Image-Turbo")
+    served = served_from_entry(entry, checkpoint_path(entry, tmp_path), tmp_path)
+    assert served.requirements == {"min_steps": 9, "max_steps": 9, "min_cfg_scale": 1.0, "max_cfg_scale": 1.0}
+    assert served.samplers == ("k_euler",) and set(served.features_not_supported) == {"hires_fix", "inpainting",
+                                                                                       "controlnet"}
+    catalog = ModelCatalog([served])
+
+    def why(**payload):
+        pop = PopResponse.model_validate({"id": "a", "ids": ["a"], "model": "Z-Image-Turbo",
+                                          "payload": {"ddim_steps": 9, "cfg_scale": 1.0, "sampler_name": "k_euler",
+                                                      **payload}})
+        return (bounds_reason(pop, max_pixels=1024 * 1024, max_batch=4, requirements=served.requirements)
+                or unsupported_reason(Job(pop=pop), catalog))
+
+    assert why() is None
+    assert "steps 20 is outside 9..9" in why(ddim_steps=20)
+    assert "cfg_scale 5 is outside 1..1" in why(cfg_scale=5.0)
+    assert "k_euler only" in why(sampler_name="k_euler_a")
+    assert "hires_fix is not supported by Z-Image-Turbo" in why(hires_fix=True)
+    assert "LoRAs" in why(loras=[{"name": "123"}])
 
 
 def test_a_baseline_not_loadable_yet_is_left_out_with_the_reason(merged, tmp_path):

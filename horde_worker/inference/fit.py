@@ -72,7 +72,8 @@ def model_parts(pipeline) -> dict[str, int]:
 def large_blocks(denoiser: torch.nn.Module) -> list[torch.nn.Module]:
     """The denoiser's blocks that visit one at a time: a UNet's down/mid/up blocks, a transformer's blocks."""
     blocks: list[torch.nn.Module] = []
-    for name in ("down_blocks", "up_blocks", "transformer_blocks", "single_transformer_blocks"):
+    for name in ("down_blocks", "up_blocks", "transformer_blocks", "single_transformer_blocks",
+                 "noise_refiner", "context_refiner", "layers"):
         blocks += list(getattr(denoiser, name, None) or [])
     mid = getattr(denoiser, "mid_block", None)
     if mid is not None:

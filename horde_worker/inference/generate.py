@@ -57,6 +57,15 @@ def run_job(model, request: GenerateRequest, on_step: Callable[[int, int], None]
     """Generate the job's images (one per seed)."""
     from horde_worker.inference import adapters, control
 
+    if model.baseline == "z_image_turbo":
+        from horde_worker.inference import zimage
+
+        refusal = sampler_refusal(request.sampler_name, model.baseline)
+        if refusal is not None:
+            raise UnsupportedSampler(refusal)
+        if request.loras or request.tis:
+            raise UnsupportedJob("LoRAs and textual inversions are not available for Z-Image models")
+        return JobOutput(images=zimage.run(model, request, on_step), notes=[])
     if request.tiling and model.baseline == "flux_1":
         raise UnsupportedJob("tiling is not available for Flux models (no convolutions to wrap)")
     refusal = sampler_refusal(request.sampler_name, model.baseline)

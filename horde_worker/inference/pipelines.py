@@ -62,10 +62,12 @@ def load_pipeline(path: Path, device: torch.device, dtype: torch.dtype, name: st
     fp8 = False
     if path.is_dir():
         pipe, baseline = _load_folder(path)
+    elif path.name.endswith(SPLIT_MANIFEST_SUFFIX):
+        pipe, baseline = _load_split(path, dtype)
     else:
         pipe, baseline, fp8 = _load_single_file(path, v_prediction, dtype)
-    if baseline == "flux_1" and dtype == torch.float16:
-        dtype = torch.bfloat16  # Flux overflows fp16
+    if baseline in BF16_BASELINES and dtype == torch.float16:
+        dtype = torch.bfloat16  # these overflow fp16
     if fp8 and dtype != torch.float32:
         # A half-precision run is a GPU run, even when the residency reads the model into RAM first: narrow
         # now, so that the later module-by-module move to the GPU carries fp8 weights.
@@ -84,6 +86,22 @@ def load_pipeline(path: Path, device: torch.device, dtype: torch.dtype, name: st
     apply_speedups(pipe, device)
     return LoadedModel(name=name or path.stem, baseline=baseline, pipeline=pipe,
                        load_seconds=time.perf_counter() - start, scheduler_config=dict(pipe.scheduler.config))
+
+
+# A split model's manifest (models/catalog.py writes it): its parts are separate files.
+SPLIT_MANIFEST_SUFFIX = ".parts.json"
+# Baselines computed in bf16 on a GPU (fp16 overflows them), as the reference runs them.
+BF16_BASELINES = frozenset({"flux_1", "z_image_turbo"})
+
+
+def _load_split(path: Path, dtype: torch.dtype):
+    from horde_worker.inference import zimage
+
+    baseline, _ = zimage.read_manifest(path)
+    load_dtype = torch.bfloat16 if dtype == torch.float16 else dtype
+    if baseline == "z_image_turbo":
+        return zimage.build_pipeline(path, load_dtype), baseline
+    raise checkpoint.CheckpointError(f"{path}: {baseline} models are not supported by this worker")
 
 
 def _load_folder(path: Path):
@@ -160,6 +178,7 @@ DERIVED_PIPELINES = {
     ("StableDiffusionXLPipeline", "inpaint"): "StableDiffusionXLInpaintPipeline",
     ("FluxPipeline", "img2img"): "FluxImg2ImgPipeline",
     ("FluxPipeline", "inpaint"): "FluxInpaintPipeline",
+    ("ZImagePipeline", "img2img"): "ZImageImg2ImgPipeline",
 }
 
 

@@ -63,11 +63,16 @@ SAMPLERS: dict[str, SamplerSpec] = {
 BLEND_SEED_OFFSET = {"DDIM": 1}
 
 
+# Flow-matching baselines sampled with their own Euler (the horde's k_euler): baseline -> how it is named.
+FLOW_EULER_ONLY = {"flux_1": "Flux", "z_image_turbo": "Z-Image"}
+
+
 def sampler_refusal(sampler_name: str, baseline: str) -> str | None:
     """Why `sampler_name` cannot run on a model of `baseline`, or None. Flux samples with its own
     flow-matching Euler, which is the horde's k_euler and nothing else."""
-    if baseline == "flux_1":
-        return None if sampler_name == "k_euler" else f"Flux models run k_euler only, not {sampler_name!r}"
+    if baseline in FLOW_EULER_ONLY:
+        return None if sampler_name == "k_euler" else f"{FLOW_EULER_ONLY[baseline]} models run k_euler only, not " \
+                                                      f"{sampler_name!r}"
     if sampler_name not in SAMPLERS:
         return f"sampler {sampler_name!r} is not implemented by this worker"
     return None

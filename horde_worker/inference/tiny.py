@@ -196,6 +196,8 @@ LOCAL_MODELS = {
     "horde-worker-tiny-sd2": ("horde-worker-tiny-sd2.safetensors", "stable_diffusion_2"),
     "horde-worker-tiny-sdxl": ("horde-worker-tiny-sdxl.safetensors", "stable_diffusion_xl"),
     "horde-worker-tiny-flux": ("horde-worker-tiny-flux.safetensors", "flux_1"),
+    # A split model: its manifest in compvis/, its parts in vae/ and text_encoders/ (tiny_zimage.py).
+    "horde-worker-tiny-zimage": ("horde-worker-tiny-zimage.parts.json", "z_image_turbo"),
     INPAINTING_MODEL_NAME: (f"{INPAINTING_MODEL_NAME}.safetensors", "stable_diffusion_1"),
 }
 
@@ -233,11 +235,15 @@ def _write_local_models(folder: Path) -> None:
         from horde_worker.safety.tiny import write_tiny_clip
 
         write_tiny_clip(folder / LOCAL_SAFETY_MODEL, ["landscape", "mountain"])
-    for file_name, baseline in LOCAL_MODELS.values():
+    for name, (file_name, baseline) in LOCAL_MODELS.items():
         path = folder / file_name
         if path.exists():
             continue
-        if baseline == "flux_1":
+        if baseline == "z_image_turbo":
+            from horde_worker.inference.tiny_zimage import write_tiny_zimage
+
+            write_tiny_zimage(folder, name)
+        elif baseline == "flux_1":
             write_tiny_flux_checkpoint(path)
         else:
             write_tiny_checkpoint(path, baseline, inpainting="inpainting" in file_name)

@@ -17,6 +17,8 @@ from pathlib import Path
 
 from horde_worker.inference.flux_files import T5_TOKENIZER_DIR, T5_TOKENIZER_URL
 from horde_worker.inference.tiny import DEMO_MODEL_NAME, ensure_demo_model
+from horde_worker.inference.zimage_files import TOKENIZER_DIR as ZIMAGE_TOKENIZER_DIR
+from horde_worker.inference.zimage_files import TOKENIZER_URLS as ZIMAGE_TOKENIZER_URLS
 from horde_worker.models.controlnets import ControlSetup
 from horde_worker.models.download import DownloadTask
 from horde_worker.models.postprocessors import PostProcessSetup
@@ -24,11 +26,10 @@ from horde_worker.models.reference import ModelEntry, ModelFile, ModelReference
 from horde_worker.models.resolve import resolve
 
 # Baselines whose checkpoints this worker loads and generates with.
-LOADABLE_BASELINES = {"stable_diffusion_1", "stable_diffusion_2", "stable_diffusion_xl", "flux_1"}
+LOADABLE_BASELINES = {"stable_diffusion_1", "stable_diffusion_2", "stable_diffusion_xl", "flux_1", "z_image_turbo"}
 REFUSED_BASELINES = {
     "stable_cascade": "Stable Cascade is not supported by this worker yet",
     "qwen_image": "Qwen-Image is not supported by this worker yet",
-    "z_image_turbo": "Z-Image-Turbo is not supported by this worker yet",
 }
 MANIFEST_SUFFIX = ".parts.json"
 
@@ -44,11 +45,18 @@ class ServedModel:
     # The reference's step limits for this model (min_steps / max_steps), when it gives any.
     min_steps: int | None = None
     max_steps: int | None = None
+    # Its cfg limits, the only samplers it takes, and the features it cannot do ("hires_fix", "inpainting",
+    # "controlnet"), from the reference's `requirements` and `features_not_supported`.
+    min_cfg_scale: float | None = None
+    max_cfg_scale: float | None = None
+    samplers: tuple[str, ...] = ()
+    features_not_supported: tuple[str, ...] = ()
 
     @property
-    def requirements(self) -> dict[str, int]:
-        """The step limits as bounds_reason reads them."""
-        limits = {"min_steps": self.min_steps, "max_steps": self.max_steps}
+    def requirements(self) -> dict[str, float]:
+        """The step and cfg limits as bounds_reason reads them."""
+        limits = {"min_steps": self.min_steps, "max_steps": self.max_steps, "min_cfg_scale": self.min_cfg_scale,
+                  "max_cfg_scale": self.max_cfg_scale}
         return {key: value for key, value in limits.items() if value is not None}
 
 
@@ -170,6 +178,12 @@ def plan_catalog(models_to_load: list[str], models_to_skip: list[str], cache_hom
             tokenizer = path.parent / T5_TOKENIZER_DIR / "tokenizer.json"
             if not tokenizer.exists() and not any(t.dest == tokenizer for _, t in plan.to_download):
                 missing.append(DownloadTask(T5_TOKENIZER_URL, tokenizer, None, None))
+        if entry.baseline == "z_image_turbo":
+            encoder = next((f for f in entry.files if f.file_type == "text_encoders"), None)
+            if encoder is not None:
+                folder = file_path(encoder, cache_home).parent / ZIMAGE_TOKENIZER_DIR
+                missing += [DownloadTask(url, folder / name, None, None) for name, url in ZIMAGE_TOKENIZER_URLS.items()
+                            if not (folder / name).exists()]
         if missing:
             plan.to_download += [(entry, task) for task in missing]
         else:
@@ -188,8 +202,19 @@ def served_from_entry(entry: ModelEntry, path: Path, cache_home: Path | None = N
     entry's manifest is written here (its parts all present)."""
     if entry.is_split:
         path = write_manifest(entry, cache_home if cache_home is not None else path.parent.parent)
+    needs = entry.requirements
     return ServedModel(entry.name, path, entry.baseline, entry.v_prediction,
-                       _int_or_none(entry.requirements.get("min_steps")), _int_or_none(entry.requirements.get("max_steps")))
+                       _int_or_none(needs.get("min_steps")), _int_or_none(needs.get("max_steps")),
+                       _float_or_none(needs.get("min_cfg_scale")), _float_or_none(needs.get("max_cfg_scale")),
+                       tuple(str(s) for s in needs.get("samplers") or ()),
+                       tuple(str(f) for f in entry.raw.get("features_not_supported") or ()))
+
+
+def _float_or_none(value: object) -> float | None:
+    try:
+        return float(value) if value is not None else None
+    except (TypeError, ValueError):
+        return None
 
 
 def _int_or_none(value: object) -> int | None:

@@ -40,6 +40,9 @@ def bounds_reason(pop: PopResponse, *, max_pixels: int, max_batch: int,
     cfg = payload.cfg_scale
     if not math.isfinite(cfg) or not 0 <= cfg <= MAX_CFG:
         return f"cfg_scale {cfg} is outside 0..{MAX_CFG:g}"
+    low_cfg, high_cfg = float(requirements.get("min_cfg_scale", 0)), float(requirements.get("max_cfg_scale", MAX_CFG))
+    if not low_cfg <= cfg <= high_cfg:
+        return f"cfg_scale {cfg:g} is outside {low_cfg:g}..{high_cfg:g}, this model's range"
     if not 1 <= payload.clip_skip <= MAX_CLIP_SKIP:
         return f"clip_skip {payload.clip_skip} is outside 1..{MAX_CLIP_SKIP}"
     for name in ("denoising_strength", "hires_fix_denoising_strength", "facefixer_strength"):

@@ -42,9 +42,19 @@ def unsupported_reason(job: Job, catalog: ModelCatalog) -> str | None:
     payload = job.pop.payload
     if not catalog.has(job.model):
         return f"model {job.model!r} is not served by this worker"
-    baseline = catalog.get(job.model).baseline
-    if payload.tiling and baseline == "flux_1":
-        return "tiling is not available for Flux models"
+    model = catalog.get(job.model)
+    baseline = model.baseline
+    if payload.tiling and baseline in ("flux_1", "z_image_turbo"):
+        return f"tiling is not available for {baseline} models"
+    used = {"hires_fix": payload.hires_fix, "controlnet": bool(payload.control_type),
+            "inpainting": job.pop.source_processing in ("inpainting", "outpainting")}
+    excluded = [feature for feature in model.features_not_supported if used.get(feature)]
+    if excluded:
+        return f"{', '.join(excluded)} is not supported by {model.name} (the model reference says so)"
+    if baseline == "z_image_turbo" and (payload.loras or payload.tis):
+        return "LoRAs and textual inversions are not available for Z-Image models"
+    if model.samplers and payload.sampler_name not in model.samplers:
+        return f"{model.name} samples with {', '.join(model.samplers)} only, not {payload.sampler_name!r}"
     refusal = sampler_refusal(payload.sampler_name, baseline)
     if refusal is None and payload.control_type:
         refusal = catalog.control.refusal(payload.control_type, baseline, payload.image_is_control)
