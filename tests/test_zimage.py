@@ -103,3 +103,13 @@ def test_img2img_starts_from_the_source_and_refusals_are_clear(model):
         generate_images(model, job_request(source_image=_png(source), control_type="canny", **fields))
     with pytest.raises(Exception, match="k_euler only"):
         generate_images(model, job_request(**{**fields, "sampler_name": "k_dpmpp_2m"}))
+
+
+def test_the_benchmark_runs_on_the_cpu(capsys):
+    import json
+
+    from horde_worker.bench.zimage import main
+
+    assert main(["--device", "cpu", "--images", "1"]) == 0
+    figures = json.loads(capsys.readouterr().out)["z_image_turbo"]
+    assert figures["worker_s_per_image"] > 0 and figures["plain_diffusers_s_per_image"] > 0
