@@ -104,13 +104,14 @@ def test_the_residency_plans_against_what_the_device_can_hold_beside_busy_models
     assert residency._plan("m", model, phases).full
 
 
-def test_the_card_benchmark_runs_on_the_cpu_and_its_plans_follow_the_card(capsys):
+def test_the_card_benchmark_runs_on_the_cpu_and_its_plans_follow_the_card(tmp_path):
     import json
 
     from horde_worker.bench.fit import main
 
-    assert main(["--device", "cpu", "--baselines", "stable_diffusion_1", "--cards", "40,5"]) == 0
-    cards = json.loads(capsys.readouterr().out)["baselines"]["stable_diffusion_1"]["cards"]
+    out = tmp_path / "fit.json"
+    assert main(["--device", "cpu", "--baselines", "stable_diffusion_1", "--cards", "40,5", "--json", str(out)]) == 0
+    cards = json.loads(out.read_text())["baselines"]["stable_diffusion_1"]["cards"]
     assert [c["plan"] for c in cards] == ["all on the device", "text encoders in RAM",
                                           "text encoders in RAM, tiled VAE, denoiser streamed from RAM (slow)"]
     assert all(c["image_s"] > 0 for c in cards)

@@ -183,7 +183,8 @@ def load_reference(cache_dir: Path, url: str | None = DEFAULT_REFERENCE_URL, tim
     cache_dir = Path(cache_dir)
     data, source = _fetch_or_keep(cache_dir, "stable_diffusion.json", url, SNAPSHOT, timeout, "model reference")
     if new_baselines_url is True:
-        new_baselines_url = NEW_BASELINES_REFERENCE_URL if url in (DEFAULT_REFERENCE_URL, None) else False
+        # Offline (no url): the last good copy or the snapshot, never a fetch.
+        new_baselines_url = NEW_BASELINES_REFERENCE_URL if url == DEFAULT_REFERENCE_URL else None if not url else False
     if new_baselines_url is not False:
         extra, extra_source = _fetch_or_keep(cache_dir, "stable_diffusion.zmodel.json", new_baselines_url or None,
                                              NEW_BASELINES_SNAPSHOT, timeout, "new baselines' model reference")
