@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -54,7 +53,8 @@ def switch_times(model, device) -> dict[str, float]:
     """RAM -> device: the one-copy layout vs module by module from pageable memory."""
     import torch
 
-    from horde_worker.inference.residency import modules_of, move
+    from horde_worker.inference.residency import move
+    from horde_worker.inference.vram import modules_of
 
     figures = {"packed_to_device_s": move(model, device)}
     figures["packed_back_to_ram_s"] = move(model, "cpu")
@@ -158,22 +158,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache", type=Path, help="where the checkpoints are kept (default: a temp folder)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
+    from horde_worker.bench.report import device_header, emit
     from horde_worker.cli import detect_devices
 
     device = detect_devices(args.device)[0]
     folder = args.cache or Path(tempfile.mkdtemp(prefix="horde-fit-bench-"))
     folder.mkdir(parents=True, exist_ok=True)
-    results: dict[str, Any] = {"device": device, "full_size": args.full_size}
-    if device.startswith("cuda"):
-        import torch
-
-        results["gpu"] = torch.cuda.get_device_name(device)
+    results = device_header(device, full_size=args.full_size)
     results["baselines"] = measure(folder, device, args.full_size, args.baselines.split(","),
                                    [float(c) for c in args.cards.split(",") if c])
-    text = json.dumps(results, indent=2)
-    print(text)
-    if args.json:
-        args.json.write_text(text)
+    emit(results, args.json)
     return 0
 
 

@@ -67,9 +67,9 @@ def main(argv: list[str] | None = None) -> int:
         out = subprocess.run([sys.executable, "-c", code, str(path), way], capture_output=True, text=True,
                              check=True, timeout=1800)
         results[way] = json.loads(out.stdout.strip().splitlines()[-1])
-    print(json.dumps(results, indent=2))
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2))
+    from horde_worker.bench.report import emit
+
+    emit(results, args.json)
     return 0
 
 

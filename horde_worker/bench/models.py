@@ -9,7 +9,6 @@ coming back from RAM (the switch the horde's traffic causes most).
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -173,23 +172,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path)
     parser.add_argument("--flux", action="store_true", help="only full-size Flux.1 schnell fp8 (GPU)")
     args = parser.parse_args(argv)
+    from horde_worker.bench.report import device_header, emit
     from horde_worker.cli import detect_devices
 
     device = detect_devices(args.device)[0]
     folder = args.cache or Path(tempfile.mkdtemp(prefix="horde-models-bench-"))
     folder.mkdir(parents=True, exist_ok=True)
     if args.flux:
-        results = {"device": device, "flux_1": measure_flux(folder, device)}
+        results = device_header(device, flux_1=measure_flux(folder, device))
     else:
         paths = write_checkpoints(folder, args.full_size)
-        results = {"device": device, "full_size": args.full_size, "baselines": measure(paths, device, args.full_size)}
-    if device.startswith("cuda"):
-        import torch
-
-        results["gpu"] = torch.cuda.get_device_name(device)
-    print(json.dumps(results, indent=2))
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2))
+        results = device_header(device, full_size=args.full_size, baselines=measure(paths, device, args.full_size))
+    emit(results, args.json)
     return 0
 
 

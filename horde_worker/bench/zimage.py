@@ -9,7 +9,6 @@ Qwen3-4B, the Flux autoencoder) with random bf16 weights, built on the device; w
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -103,19 +102,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", type=int, default=3)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
+    from horde_worker.bench.report import device_header, emit
     from horde_worker.cli import detect_devices
 
     device = detect_devices(args.device)[0]
-    results: dict[str, Any] = {"device": device, "full_size": args.full_size}
-    if device.startswith("cuda"):
-        import torch
-
-        results["gpu"] = torch.cuda.get_device_name(device)
+    results = device_header(device, full_size=args.full_size)
     results["z_image_turbo"] = measure(device, args.full_size, args.images)
-    text = json.dumps(results, indent=2)
-    print(text)
-    if args.json:
-        args.json.write_text(text)
+    emit(results, args.json)
     return 0
 
 
