@@ -139,7 +139,7 @@ def test_the_references_requirements_and_unsupported_features_are_refused_with_a
     from horde_worker.supervisor.jobspec import unsupported_reason
 
     entry = merged.get("Z-Image-Turbo")
-    served = served_from_entry(entry, checkpoint_path(entry, tmp_path), tmp_path)
+    served = served_from_entry(entry, tmp_path)
     assert served.requirements == {"min_steps": 9, "max_steps": 9, "min_cfg_scale": 1.0, "max_cfg_scale": 1.0}
     assert served.samplers == ("k_euler",) and set(served.features_not_supported) == {"hires_fix", "inpainting",
                                                                                        "controlnet"}

@@ -6,9 +6,9 @@ from __future__ import annotations
 import torch
 
 from horde_worker.inference.pipelines import load_pipeline
-from horde_worker.inference.residency import modules_of
 from horde_worker.inference.tiny import write_tiny_checkpoint
 from horde_worker.inference.transfer import PackedWeights, _tensors
+from horde_worker.inference.vram import modules_of
 
 
 def _state(modules):

@@ -149,9 +149,7 @@ class FittedModel:
                     visitor.stop()
         for name, modules in wanted.items():
             if name not in self.visitors:
-                weights = getattr(model, "weights", None)
-                if isinstance(weights, dict):
-                    weights.pop(name, None)  # its layout no longer matches: laid out again without the visitors
+                model.weights.pop(name, None)  # its layout no longer matches: laid out again without the visitors
                 self.visitors[name] = [Visitor(module, device, device.type == "cuda") for module in modules]
         vae = getattr(pipe, "vae", None)
         if vae is not None and hasattr(vae, "enable_tiling"):

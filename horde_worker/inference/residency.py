@@ -32,10 +32,6 @@ def pipeline_bytes(model: LoadedModel) -> int:
     return model_bytes(model)
 
 
-def modules_of(model: LoadedModel) -> list[torch.nn.Module]:
-    return [c for c in model.pipeline.components.values() if isinstance(c, torch.nn.Module)]
-
-
 def move(model: LoadedModel, device: torch.device | str, pack: bool | None = None) -> float:
     """Move the pipeline's modules (all but those visiting the device on their own, see inference/fit.py);
     returns the seconds it took. To and from a GPU each component travels as one layout
@@ -166,9 +162,10 @@ class Residency:
     def _plan(self, name: str, model: LoadedModel, phases: tuple[int, int] | None):
         from horde_worker.inference import fit
 
-        if not phases:
-            return fit.FitPlan()
-        return fit.plan(fit.model_parts(model.pipeline), phases[0], phases[1], self.capacity(name))
+        capacity = self.capacity(name) if phases else None
+        if capacity is None:
+            return fit.FitPlan()  # nothing to fit against: the parts need not be counted
+        return fit.plan(fit.model_parts(model.pipeline), phases[0], phases[1], capacity)
 
     def _refit(self, name: str, model: LoadedModel, phases: tuple[int, int]) -> None:
         """A resident model whose next job needs a heavier plan: through RAM to apply it (weights come back in
@@ -194,8 +191,7 @@ class Residency:
         its host copy (for a free way back) only where RAM is kept for models and the budget allows it."""
         model.fit.apply(model, self._plan(name, model, phases), self.device)
         if not model.fit.plan.full:
-            self.sizes[name] = self._device_size(model)
-            self._fit_device(self.sizes[name], keep={name})
+            self.sizes[name] = self._device_size(model)  # room was made for the whole model: this is less
         seconds = move(model, self.device)
         size = self.sizes.get(name, 0)
         logger.info("{} moved to {} in {:.2f} s ({:.1f} GB/s)", name, self.device, seconds,

@@ -79,7 +79,7 @@ def _view(storage: torch.Tensor, offset: int, slot: _Slot) -> torch.Tensor:
 
 
 class PackedWeights:
-    """The layout of one model's weights, and its moves. `where` is the device its weights are on now."""
+    """The layout of one model's weights, and its moves (on the device while `device_buffer` is set)."""
 
     def __init__(self, modules: list[torch.nn.Module], pin: bool,
                  exclude: list[torch.nn.Module] = ()) -> None:
@@ -91,8 +91,6 @@ class PackedWeights:
         self.chunk_starts: list[int] = []  # each chunk's offset in the device buffer
         self.slots: dict[tuple, _Slot] = {}  # by `_key` of the tensor the modules hold now
         self.device_buffer: torch.Tensor | None = None
-        self.where = torch.device("cpu")
-        self.last_move_seconds = 0.0
         self._host_released = False
         self._pack()
 
@@ -170,9 +168,8 @@ class PackedWeights:
             _point(module, name, is_param, tensor.to(device))
         if device.type == "cuda":
             torch.cuda.current_stream(device).synchronize()
-        self.device_buffer, self.where = buffer, device
-        self.last_move_seconds = time.perf_counter() - start
-        return self.last_move_seconds
+        self.device_buffer = buffer
+        return time.perf_counter() - start
 
     @property
     def has_host_copy(self) -> bool:
@@ -194,9 +191,8 @@ class PackedWeights:
         self._repoint(lambda slot: _view(self.chunks[slot.chunk], slot.offset, slot))
         for module, name, is_param, tensor in self._strays():
             _point(module, name, is_param, tensor.to("cpu"))
-        self.device_buffer, self.where = None, torch.device("cpu")
-        self.last_move_seconds = time.perf_counter() - start
-        return self.last_move_seconds
+        self.device_buffer = None
+        return time.perf_counter() - start
 
 
 def pinning_available() -> bool:

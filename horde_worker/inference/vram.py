@@ -38,10 +38,14 @@ def tensors_bytes(modules: Iterable[torch.nn.Module]) -> int:
     return total
 
 
+def modules_of(model) -> list[torch.nn.Module]:
+    """A loaded model's pipeline modules."""
+    return [c for c in model.pipeline.components.values() if isinstance(c, torch.nn.Module)]
+
+
 def model_bytes(model) -> int:
     """A loaded model's weights: its pipeline's modules and the ControlNets built for it."""
-    modules = [c for c in model.pipeline.components.values() if isinstance(c, torch.nn.Module)]
-    return tensors_bytes([*modules, *model.controlnets.values()])
+    return tensors_bytes([*modules_of(model), *model.controlnets.values()])
 
 
 def job_phases(baseline: str, width: int, height: int, images: int, guidance_pairs: bool = True) -> tuple[int, int]:

@@ -187,7 +187,7 @@ def plan_catalog(models_to_load: list[str], models_to_skip: list[str], cache_hom
         if missing:
             plan.to_download += [(entry, task) for task in missing]
         else:
-            plan.ready.append(served_from_entry(entry, path, cache_home))
+            plan.ready.append(served_from_entry(entry, cache_home))
     return plan
 
 
@@ -197,11 +197,10 @@ def unique_tasks(tasks: list[DownloadTask]) -> list[DownloadTask]:
     return [t for t in tasks if not (t.dest in seen or seen.add(t.dest))]
 
 
-def served_from_entry(entry: ModelEntry, path: Path, cache_home: Path | None = None) -> ServedModel:
-    """The ServedModel of a reference entry whose checkpoint (or split entry's manifest) is at `path`; a split
-    entry's manifest is written here (its parts all present)."""
-    if entry.is_split:
-        path = write_manifest(entry, cache_home if cache_home is not None else path.parent.parent)
+def served_from_entry(entry: ModelEntry, cache_home: Path) -> ServedModel:
+    """The ServedModel of a reference entry whose files are all under `cache_home`; a split entry's manifest is
+    written here."""
+    path = write_manifest(entry, cache_home) if entry.is_split else checkpoint_path(entry, cache_home)
     needs = entry.requirements
     return ServedModel(entry.name, path, entry.baseline, entry.v_prediction,
                        _int_or_none(needs.get("min_steps")), _int_or_none(needs.get("max_steps")),

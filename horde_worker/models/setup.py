@@ -50,7 +50,7 @@ def prepare_models(settings: BridgeData, show_progress: bool = True) -> tuple[Mo
     notices = list(plan.notices)
     if plan.to_download:
         logger.info("downloading {} model(s), {:.1f} GB", len(plan.to_download), plan.bytes_to_download / 1e9)
-        from horde_worker.models.catalog import checkpoint_path, served_from_entry, unique_tasks
+        from horde_worker.models.catalog import served_from_entry, unique_tasks
 
         notices += download_all(unique_tasks([task for _, task in plan.to_download]),
                                 token=settings.civitai_api_token or None, show_progress=show_progress)
@@ -60,8 +60,7 @@ def prepare_models(settings: BridgeData, show_progress: bool = True) -> tuple[Mo
             by_model.setdefault(entry.name, [entry, []])[1].append(task)
         for entry, tasks in by_model.values():
             if all(task.dest.exists() for task in tasks):
-                ready.append(served_from_entry(entry, checkpoint_path(entry, Path(settings.cache_home)),
-                                               Path(settings.cache_home)))
+                ready.append(served_from_entry(entry, Path(settings.cache_home)))
     control = None
     if settings.allow_controlnet:
         control, control_notices = prepare_control(settings, {m.baseline for m in ready}, show_progress)
