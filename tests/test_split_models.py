@@ -100,8 +100,8 @@ def test_split_parts_download_into_their_directories_verified_and_a_shared_part_
         # The Qwen3 tokenizer comes from its own release: here from the loopback server too.
         for name in ("tokenizer.json", "tokenizer_config.json"):
             server.files[f"/qwen/{name}"] = b"{}"
-        monkeypatch.setattr(catalog, "ZIMAGE_TOKENIZER_URLS",
-                            {n: f"{server.url}/qwen/{n}" for n in ("tokenizer.json", "tokenizer_config.json")})
+        monkeypatch.setitem(catalog.SPLIT_TOKENIZERS, "z_image_turbo", (
+            "qwen3-tokenizer", {n: f"{server.url}/qwen/{n}" for n in ("tokenizer.json", "tokenizer_config.json")}))
         server.cut_once["/qwen_3_4b.safetensors"] = 3 << 19  # cut half way: resumed with a Range request
         reference = ModelReference({"Z-Image-Turbo": entry, "Z-Second": second}, "test")
         home = tmp_path / "models"
@@ -160,8 +160,14 @@ def test_the_references_requirements_and_unsupported_features_are_refused_with_a
     assert "LoRAs" in why(loras=[{"name": "123"}])
 
 
-def test_a_baseline_not_loadable_yet_is_left_out_with_the_reason(merged, tmp_path):
+def test_qwen_image_plans_its_parts_and_tokenizer_and_cascade_is_left_out_with_the_reason(merged, tmp_path):
     plan = plan_catalog(["Qwen-Image_fp8", "Stable Cascade 1.0"], [], tmp_path, merged, {}, load_large_models=True)
-    assert not plan.ready and not plan.to_download
-    assert any("Qwen-Image is not supported by this worker yet" in n for n in plan.notices)
+    assert not plan.ready
+    assert {t.dest.relative_to(tmp_path).as_posix() for _, t in plan.to_download} == {
+        "compvis/qwen_image_fp8_e4m3fn.safetensors", "vae/qwen_image_vae.safetensors",
+        "text_encoders/qwen_2.5_vl_7b_fp8_scaled.safetensors",
+        "text_encoders/qwen2.5-vl-tokenizer/tokenizer.json", "text_encoders/qwen2.5-vl-tokenizer/tokenizer_config.json"}
+    hashed = {t.dest.name for _, t in plan.to_download if t.sha256}
+    assert hashed == {"qwen_image_fp8_e4m3fn.safetensors", "qwen_image_vae.safetensors",
+                      "qwen_2.5_vl_7b_fp8_scaled.safetensors"}  # the tokenizer has no hash in the reference
     assert any("Stable Cascade is not supported by this worker yet" in n for n in plan.notices)

@@ -265,6 +265,8 @@ def move_keeping_fp8(pipe, device: torch.device, dtype: torch.dtype) -> None:
         apply_layerwise_casting(pipe.text_encoder_2, storage_dtype=torch.float8_e4m3fn, compute_dtype=dtype,
                                 skip_modules_pattern=("norm", "wo", "shared", "embed", "relative_attention_bias"))
         narrow.append(pipe.text_encoder_2)
+    if "text_encoder" in parts:  # a text encoder of scaled fp8 layers (scaled_fp8.py), narrow already
+        narrow.append(pipe.text_encoder)
     for component in pipe.components.values():
         if isinstance(component, torch.nn.Module):
             if any(component is kept for kept in narrow):

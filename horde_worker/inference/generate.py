@@ -53,19 +53,25 @@ def img2img_steps(steps: int, strength: float) -> int:
     return total
 
 
+# Baselines with a pipeline module of their own (its `run(model, request, on_step)`), and how they are named.
+SPLIT_RUNNERS = {"z_image_turbo": ("horde_worker.inference.zimage", "Z-Image"),
+                 "qwen_image": ("horde_worker.inference.qwen_image", "Qwen-Image")}
+
+
 def run_job(model, request: GenerateRequest, on_step: Callable[[int, int], None] | None = None) -> JobOutput:
     """Generate the job's images (one per seed)."""
     from horde_worker.inference import adapters, control
 
-    if model.baseline == "z_image_turbo":
-        from horde_worker.inference import zimage
+    if model.baseline in SPLIT_RUNNERS:
+        import importlib
 
         refusal = sampler_refusal(request.sampler_name, model.baseline)
         if refusal is not None:
             raise UnsupportedSampler(refusal)
+        module, name = SPLIT_RUNNERS[model.baseline]
         if request.loras or request.tis:
-            raise UnsupportedJob("LoRAs and textual inversions are not available for Z-Image models")
-        return JobOutput(images=zimage.run(model, request, on_step), notes=[])
+            raise UnsupportedJob(f"LoRAs and textual inversions are not available for {name} models")
+        return JobOutput(images=importlib.import_module(module).run(model, request, on_step), notes=[])
     if request.tiling and model.baseline == "flux_1":
         raise UnsupportedJob("tiling is not available for Flux models (no convolutions to wrap)")
     refusal = sampler_refusal(request.sampler_name, model.baseline)

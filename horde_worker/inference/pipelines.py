@@ -63,7 +63,7 @@ def load_pipeline(path: Path, device: torch.device, dtype: torch.dtype, name: st
     if path.is_dir():
         pipe, baseline = _load_folder(path)
     elif path.name.endswith(SPLIT_MANIFEST_SUFFIX):
-        pipe, baseline = _load_split(path, dtype)
+        pipe, baseline, fp8 = _load_split(path, dtype)
     else:
         pipe, baseline, fp8 = _load_single_file(path, v_prediction, dtype)
     if baseline in BF16_BASELINES and dtype == torch.float16:
@@ -91,16 +91,22 @@ def load_pipeline(path: Path, device: torch.device, dtype: torch.dtype, name: st
 # A split model's manifest (models/catalog.py writes it): its parts are separate files.
 SPLIT_MANIFEST_SUFFIX = ".parts.json"
 # Baselines computed in bf16 on a GPU (fp16 overflows them), as the reference runs them.
-BF16_BASELINES = frozenset({"flux_1", "z_image_turbo"})
+BF16_BASELINES = frozenset({"flux_1", "z_image_turbo", "qwen_image"})
 
 
 def _load_split(path: Path, dtype: torch.dtype):
+    """(pipeline, baseline, whether parts of it stay in fp8) of a split model's manifest."""
     from horde_worker.inference import zimage
 
     baseline, _ = zimage.read_manifest(path)
     load_dtype = torch.bfloat16 if dtype == torch.float16 else dtype
     if baseline == "z_image_turbo":
-        return zimage.build_pipeline(path, load_dtype), baseline
+        return zimage.build_pipeline(path, load_dtype), baseline, False
+    if baseline == "qwen_image":
+        from horde_worker.inference import qwen_image
+
+        pipe, _ = qwen_image.build_pipeline(path, load_dtype)
+        return pipe, baseline, bool(pipe.fp8_parts)
     raise checkpoint.CheckpointError(f"{path}: {baseline} models are not supported by this worker")
 
 

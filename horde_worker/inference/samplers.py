@@ -64,7 +64,7 @@ BLEND_SEED_OFFSET = {"DDIM": 1}
 
 
 # Flow-matching baselines sampled with their own Euler (the horde's k_euler): baseline -> how it is named.
-FLOW_EULER_ONLY = {"flux_1": "Flux", "z_image_turbo": "Z-Image"}
+FLOW_EULER_ONLY = {"flux_1": "Flux", "z_image_turbo": "Z-Image", "qwen_image": "Qwen-Image"}
 
 
 def sampler_refusal(sampler_name: str, baseline: str) -> str | None:

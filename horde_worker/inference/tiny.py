@@ -198,6 +198,7 @@ LOCAL_MODELS = {
     "horde-worker-tiny-flux": ("horde-worker-tiny-flux.safetensors", "flux_1"),
     # A split model: its manifest in compvis/, its parts in vae/ and text_encoders/ (tiny_zimage.py).
     "horde-worker-tiny-zimage": ("horde-worker-tiny-zimage.parts.json", "z_image_turbo"),
+    "horde-worker-tiny-qwen": ("horde-worker-tiny-qwen.parts.json", "qwen_image"),
     INPAINTING_MODEL_NAME: (f"{INPAINTING_MODEL_NAME}.safetensors", "stable_diffusion_1"),
 }
 
@@ -243,6 +244,10 @@ def _write_local_models(folder: Path) -> None:
             from horde_worker.inference.tiny_zimage import write_tiny_zimage
 
             write_tiny_zimage(folder, name)
+        elif baseline == "qwen_image":
+            from horde_worker.inference.tiny_qwen import write_tiny_qwen
+
+            write_tiny_qwen(folder, name)
         elif baseline == "flux_1":
             write_tiny_flux_checkpoint(path)
         else:

@@ -15,6 +15,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from horde_worker.inference import qwen_files
 from horde_worker.inference.flux_files import T5_TOKENIZER_DIR, T5_TOKENIZER_URL
 from horde_worker.inference.tiny import DEMO_MODEL_NAME, ensure_demo_model
 from horde_worker.inference.zimage_files import TOKENIZER_DIR as ZIMAGE_TOKENIZER_DIR
@@ -26,12 +27,15 @@ from horde_worker.models.reference import ModelEntry, ModelFile, ModelReference
 from horde_worker.models.resolve import resolve
 
 # Baselines whose checkpoints this worker loads and generates with.
-LOADABLE_BASELINES = {"stable_diffusion_1", "stable_diffusion_2", "stable_diffusion_xl", "flux_1", "z_image_turbo"}
+LOADABLE_BASELINES = {"stable_diffusion_1", "stable_diffusion_2", "stable_diffusion_xl", "flux_1", "z_image_turbo",
+                      "qwen_image"}
 REFUSED_BASELINES = {
     "stable_cascade": "Stable Cascade is not supported by this worker yet",
-    "qwen_image": "Qwen-Image is not supported by this worker yet",
 }
 MANIFEST_SUFFIX = ".parts.json"
+# The tokenizer each split baseline fetches beside its text encoder: (folder, file name -> URL).
+SPLIT_TOKENIZERS = {"z_image_turbo": (ZIMAGE_TOKENIZER_DIR, ZIMAGE_TOKENIZER_URLS),
+                    "qwen_image": (qwen_files.TOKENIZER_DIR, qwen_files.TOKENIZER_URLS)}
 
 
 @dataclass(frozen=True)
@@ -178,11 +182,12 @@ def plan_catalog(models_to_load: list[str], models_to_skip: list[str], cache_hom
             tokenizer = path.parent / T5_TOKENIZER_DIR / "tokenizer.json"
             if not tokenizer.exists() and not any(t.dest == tokenizer for _, t in plan.to_download):
                 missing.append(DownloadTask(T5_TOKENIZER_URL, tokenizer, None, None))
-        if entry.baseline == "z_image_turbo":
+        if entry.baseline in SPLIT_TOKENIZERS:
             encoder = next((f for f in entry.files if f.file_type == "text_encoders"), None)
             if encoder is not None:
-                folder = file_path(encoder, cache_home).parent / ZIMAGE_TOKENIZER_DIR
-                missing += [DownloadTask(url, folder / name, None, None) for name, url in ZIMAGE_TOKENIZER_URLS.items()
+                folder_name, urls = SPLIT_TOKENIZERS[entry.baseline]
+                folder = file_path(encoder, cache_home).parent / folder_name
+                missing += [DownloadTask(url, folder / name, None, None) for name, url in urls.items()
                             if not (folder / name).exists()]
         if missing:
             plan.to_download += [(entry, task) for task in missing]

@@ -14,6 +14,8 @@ from horde_worker.models.catalog import ModelCatalog
 from horde_worker.supervisor.job import Job
 
 SEED_RANGE = 2**32
+# Baselines served from split files without adapters: LoRAs and textual inversions are refused for them.
+SPLIT_BASELINE_NAMES = {"z_image_turbo": "Z-Image", "qwen_image": "Qwen-Image"}
 
 
 def base_seed(payload: JobPayload) -> int:
@@ -44,15 +46,15 @@ def unsupported_reason(job: Job, catalog: ModelCatalog) -> str | None:
         return f"model {job.model!r} is not served by this worker"
     model = catalog.get(job.model)
     baseline = model.baseline
-    if payload.tiling and baseline in ("flux_1", "z_image_turbo"):
+    if payload.tiling and baseline in ("flux_1", "z_image_turbo", "qwen_image"):
         return f"tiling is not available for {baseline} models"
     used = {"hires_fix": payload.hires_fix, "controlnet": bool(payload.control_type),
             "inpainting": job.pop.source_processing in ("inpainting", "outpainting")}
     excluded = [feature for feature in model.features_not_supported if used.get(feature)]
     if excluded:
         return f"{', '.join(excluded)} is not supported by {model.name} (the model reference says so)"
-    if baseline == "z_image_turbo" and (payload.loras or payload.tis):
-        return "LoRAs and textual inversions are not available for Z-Image models"
+    if baseline in SPLIT_BASELINE_NAMES and (payload.loras or payload.tis):
+        return f"LoRAs and textual inversions are not available for {SPLIT_BASELINE_NAMES[baseline]} models"
     if model.samplers and payload.sampler_name not in model.samplers:
         return f"{model.name} samples with {', '.join(model.samplers)} only, not {payload.sampler_name!r}"
     refusal = sampler_refusal(payload.sampler_name, baseline)
