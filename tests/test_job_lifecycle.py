@@ -63,6 +63,14 @@ def test_post_processing_overlap_state_and_status_line():
     stats.postprocessed(1.0)
     line = status_line([sampling, post], stats)
     assert "running m1 3/20" in line and "post-processing 1" in line and "2 post-processed (1.5s avg)" in line
+    # The horde's kudos multiplier of the running job's baseline is shown beside it.
+    assert "running m1 (kudos x12) 3/20" in status_line([sampling], stats, baselines={"m1": "qwen_image"})
+    assert "running m1 3/20" in status_line([sampling], stats, baselines={"m1": "stable_diffusion_1"})
+    from horde_worker.models.reference import kudos_multiplier
+
+    assert [kudos_multiplier(b) for b in ("stable_diffusion_xl", "stable_cascade", "flux_1", "z_image_turbo")] == [
+        2, 4, 8, 8]
+    assert kudos_multiplier("stable_cascade", hires_fix=True) == 7
     post.advance(JobState.GENERATED)
     with pytest.raises(IllegalTransition):
         post.advance(JobState.POSTPROCESSING)

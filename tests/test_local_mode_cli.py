@@ -53,6 +53,8 @@ def test_local_requests_file_is_replayed_into_out(tmp_path, model_cache):
         {"prompt": "a lighthouse", "models": ["horde-worker-tiny-sd2"], "params": {"steps": 3, "width": 128, "height": 128}},
         {"prompt": "a tower", "models": ["horde-worker-tiny-zimage"],
          "params": {"steps": 9, "width": 128, "height": 64, "sampler_name": "k_euler", "cfg_scale": 1.0}},
+        {"prompt": "a harbour ### fog", "models": ["horde-worker-tiny-qwen"],
+         "params": {"steps": 20, "width": 64, "height": 128, "sampler_name": "k_euler", "cfg_scale": 2.5}},
         {"prompt": "a red door", "models": ["horde-worker-tiny-sd15-inpainting"], "source_processing": "inpainting",
          "source_image": b64(red), "source_mask": b64(mask), "params": {"steps": 3, "width": 64, "height": 64}},
         {"prompt": "a blue boat", "source_image": b64(red), "params": {"steps": 3, "width": 64, "height": 64,
@@ -71,7 +73,7 @@ def test_local_requests_file_is_replayed_into_out(tmp_path, model_cache):
                         "--name", "replayer")
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
-    assert len(results) == 11, result.stderr[-3000:]
+    assert len(results) == 12, result.stderr[-3000:]
     first = results[0]
     assert first["done"] and [g["seed"] for g in first["generations"]] == ["77", "78"]
     for gen in first["generations"]:
@@ -86,12 +88,15 @@ def test_local_requests_file_is_replayed_into_out(tmp_path, model_cache):
         assert image.size == (128, 128) and image.mode == "RGBA"
         assert np.asarray(image)[:, :, 3].std() > 0
     # Every baseline has a tiny model in local mode.
-    models = ["horde-worker-tiny-sdxl", "horde-worker-tiny-flux", "horde-worker-tiny-sd2", "horde-worker-tiny-zimage"]
-    for entry, model in zip(results[2:6], models, strict=True):
+    models = ["horde-worker-tiny-sdxl", "horde-worker-tiny-flux", "horde-worker-tiny-sd2", "horde-worker-tiny-zimage",
+              "horde-worker-tiny-qwen"]
+    for entry, model in zip(results[2:7], models, strict=True):
         assert entry["done"] and [g["model"] for g in entry["generations"]] == [model], entry
     with Image.open(out / results[5]["generations"][0]["file"]) as image:
         assert image.size == (128, 64)
-    results = results[:5] + results[6:]  # the rest as before
+    with Image.open(out / results[6]["generations"][0]["file"]) as image:
+        assert image.size == (64, 128)
+    results = results[:5] + results[7:]  # the rest as before
     inpainted, img2img = results[5]["generations"][0], results[6]["generations"][0]
     with Image.open(out / inpainted["file"]) as image:
         pixels = np.asarray(image.convert("RGB"), dtype=int)

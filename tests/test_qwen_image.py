@@ -94,12 +94,16 @@ def test_every_part_loads_with_the_files_weights(manifest, model):
     assert widened == 2 * 7  # every attention and MLP projection of both layers
 
 
-def test_the_schedule_is_the_references_simple_one_shifted():
-    sigmas = qwen_image.simple_sigmas(20)
+def test_the_schedule_is_the_references_normal_one_shifted_by_3_1():
+    sigmas = qwen_image.sigmas(20, karras=False)
+    assert qwen_image.SHIFT == 3.1  # the reference's model sampling node for Qwen-Image
     assert len(sigmas) == 21 and sigmas[0] == 1.0 and sigmas[-1] == 0.0
-    shift = qwen_image.SHIFT
-    assert sigmas[10] == pytest.approx(shift * 0.5 / (1 + (shift - 1) * 0.5))
-    assert all(a > b for a, b in zip(sigmas, sigmas[1:]))
+    lowest = 3.1 * 0.001 / (1 + 2.1 * 0.001)
+    t = float(np.linspace(1.0, lowest, 20, dtype=np.float32)[10])
+    assert sigmas[10] == pytest.approx(3.1 * t / (1 + 2.1 * t), rel=1e-6)
+    assert all(a > b for a, b in zip(sigmas[:-1], sigmas[1:], strict=True))
+    karras = qwen_image.sigmas(20, karras=True)
+    assert karras[0] == pytest.approx(1.0) and karras[-2] == pytest.approx(lowest, rel=1e-5) and karras != sigmas
 
 
 def test_txt2img_makes_the_requested_size_seeds_reproduce_and_cfg_and_prompt_act(model):

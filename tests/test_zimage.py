@@ -57,12 +57,17 @@ def test_every_part_loads_with_the_files_weights(manifest, model):
     assert pipe.vae.config.latent_channels == 16 and pipe.vae.config.shift_factor == pytest.approx(0.1159)
 
 
-def test_the_simple_schedule_is_the_references():
-    # shift 3: sigma(t) = 3t / (1 + 2t), t taken evenly from the 1000-level table's top.
-    assert zimage.simple_sigmas(9)[0] == 1.0
-    expected = [3 * t / (1 + 2 * t) for t in [(1000 - int(i * 1000 / 9)) / 1000 for i in range(9)]]
-    assert zimage.simple_sigmas(9) == pytest.approx(expected, abs=1e-12)
-    assert zimage.simple_sigmas(9)[-1] == pytest.approx(3 * 0.112 / 1.224)
+def test_the_schedules_are_the_references():
+    # shift 3: sigma(t) = 3t / (1 + 2t); "normal" spaces t evenly from 1 down to the lowest level's sigma.
+    lowest = 3 * 0.001 / 1.002
+    normal = zimage.sigmas(9, karras=False)
+    assert len(normal) == 9 and normal[0] == 1.0
+    expected = [3 * t / (1 + 2 * t) for t in np.linspace(1.0, lowest, 9)]
+    assert normal == pytest.approx(expected, rel=1e-6)
+    karras = zimage.sigmas(9, karras=True)
+    assert karras[0] == pytest.approx(1.0) and karras[-1] == pytest.approx(lowest, rel=1e-5)
+    ramp = [(1 + i / 8 * (lowest ** (1 / 7) - 1)) ** 7 for i in range(9)]
+    assert karras == pytest.approx(ramp, rel=1e-5)
 
 
 def test_txt2img_makes_the_requested_size_and_each_seed_reproduces(model):

@@ -76,7 +76,7 @@ def load_pipeline(path: Path, device: torch.device, dtype: torch.dtype, name: st
         move_keeping_fp8(pipe, device, dtype)
     else:
         pipe = pipe.to(device=device, dtype=dtype)
-    if device.type == "cuda":
+    if device.type == "cuda" and getattr(pipe, "vae", None) is not None:
         run_vae_in(pipe.vae, vae_dtype(device, pipe.vae.dtype))
     for component in pipe.components.values():
         if isinstance(component, torch.nn.Module):
@@ -91,7 +91,7 @@ def load_pipeline(path: Path, device: torch.device, dtype: torch.dtype, name: st
 # A split model's manifest (models/catalog.py writes it): its parts are separate files.
 SPLIT_MANIFEST_SUFFIX = ".parts.json"
 # Baselines computed in bf16 on a GPU (fp16 overflows them), as the reference runs them.
-BF16_BASELINES = frozenset({"flux_1", "z_image_turbo", "qwen_image"})
+BF16_BASELINES = frozenset({"flux_1", "z_image_turbo", "qwen_image", "stable_cascade"})
 
 
 def _load_split(path: Path, dtype: torch.dtype):
@@ -107,6 +107,10 @@ def _load_split(path: Path, dtype: torch.dtype):
 
         pipe, _ = qwen_image.build_pipeline(path, load_dtype)
         return pipe, baseline, bool(pipe.fp8_parts)
+    if baseline == "stable_cascade":
+        from horde_worker.inference import cascade
+
+        return cascade.build_pipeline(path, load_dtype), baseline, False
     raise checkpoint.CheckpointError(f"{path}: {baseline} models are not supported by this worker")
 
 
@@ -280,7 +284,7 @@ def enabled_speedups() -> set[str]:
 
 def apply_speedups(pipe, device: torch.device) -> None:
     """Exact-arithmetic speed-ups on GPUs: they change memory layout and kernel choice, not the maths."""
-    if device.type != "cuda":
+    if device.type != "cuda" or getattr(pipe, "unet", None) is None:  # the UNet baselines only
         return
     wanted = enabled_speedups()
     if "channels_last" in wanted:

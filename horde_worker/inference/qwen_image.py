@@ -9,7 +9,8 @@ The parts (named by the manifest `models/catalog.py` writes):
   (the vision tower is for image editing, which this baseline does not do); the tokenizer is downloaded
   beside it (`qwen_files`).
 
-Sampling is the reference's: Euler over the flow-matching "simple" schedule of a model shifted by SHIFT, with
+Sampling is the reference's: Euler over the flow-matching schedule of a model shifted by SHIFT ("normal", or Karras'
+ramp for `karras: true`: the reference sets its scheduler from `karras` for every baseline), with
 plain classifier-free guidance whenever cfg is above 1 (the empty negative prompt included).
 """
 
@@ -214,14 +215,11 @@ def build_pipeline(manifest: Path, dtype: torch.dtype):
 
 
 # --- sampling ----------------------------------------------------------------------------------------------
-def flow_sigma(t: float) -> float:
-    """The noise level of a flow model shifted by SHIFT at timestep `t` in (0, 1]."""
-    return SHIFT * t / (1 + (SHIFT - 1) * t)
+def sigmas(steps: int, karras: bool) -> list[float]:
+    """The reference's schedule for a job: normal, or Karras' with `karras`; then 0."""
+    from horde_worker.inference.schedules import flow_schedule
 
-
-def simple_sigmas(steps: int) -> list[float]:
-    """The reference's "simple" schedule: `steps` levels evenly taken from the 1000-level table, then 0."""
-    return [flow_sigma((1000 - int(i * 1000 / steps)) / 1000) for i in range(steps)] + [0.0]
+    return flow_schedule(SHIFT, steps, karras)
 
 
 def _encode(pipe, text: str, count: int, device: torch.device, dtype: torch.dtype):
@@ -286,16 +284,16 @@ def run(model, request, on_step=None) -> list[np.ndarray]:
         noise = start_noise(request.seeds, (count, channels, rows, columns))
         x = pipe._pack_latents(noise, count, channels, rows, columns).to(device)
         if sources.image is None:
-            sigmas = simple_sigmas(steps)
+            schedule = sigmas(steps, request.karras)
         else:
             # As for Flux: the last `steps` levels of the schedule made for int(steps / denoise) steps, the source
             # noised to the first of them.
             denoise = min(1.0, max(0.01, request.denoising_strength or 0.75))
-            sigmas = simple_sigmas(max(steps, int(steps / denoise)))[-(steps + 1):]
+            schedule = sigmas(max(steps, int(steps / denoise)), request.karras)[-(steps + 1):]
             clean = _source_latents(pipe, sources.image, count, rows, columns, device)
-            x = sigmas[0] * x + (1 - sigmas[0]) * clean
+            x = schedule[0] * x + (1 - schedule[0]) * clean
         shapes = [[(1, rows // 2, columns // 2)]] * count
-        for index, (sigma, following) in enumerate(zip(sigmas[:-1], sigmas[1:], strict=True)):
+        for index, (sigma, following) in enumerate(zip(schedule[:-1], schedule[1:], strict=True)):
             timestep = torch.full((count,), sigma, device=device, dtype=dtype)
 
             def velocity(embeds, mask, x=x, timestep=timestep):

@@ -206,7 +206,7 @@ class Residency:
     def _read(self, name: str, path: str, v_prediction: bool) -> LoadedModel:
         target = self.device if self.on_cpu else torch.device("cpu")
         model = load_pipeline(Path(path), target, self.dtype, name=name, v_prediction=v_prediction)
-        if not self.on_cpu:
+        if not self.on_cpu and getattr(model.pipeline, "vae", None) is not None:
             from horde_worker.inference.pipelines import run_vae_in, vae_dtype
 
             # Read into RAM for a GPU: the VAE takes the precision it will run in there.

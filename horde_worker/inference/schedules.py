@@ -1,4 +1,5 @@
-"""Noise schedules of the discrete-time (SD1, SD2, SDXL) models, computed as the reference worker does.
+"""Noise schedules of the discrete-time (SD1, SD2, SDXL) models, computed as the reference worker does (and, at
+the end, those of the flow-matching models with a fixed shift).
 
 A model was trained on 1000 noise levels sigma_t = sqrt((1 - abar_t) / abar_t). A sampler runs a
 descending list of sigmas ending at 0, chosen by one of three rules:
@@ -127,3 +128,22 @@ def start_noise_scale(model: ModelSigmas, sigmas: list[float]) -> float:
     if starts_from_pure_noise(model, sigmas):
         return math.sqrt(1.0 + sigmas[0] ** 2)
     return sigmas[0]
+
+
+# --- flow-matching models (Qwen-Image, Z-Image) ---------------------------------------------------------------
+FLOW_LEVELS = 1000
+
+
+def flow_sigma(shift: float, t: float) -> float:
+    """The noise level at timestep `t` in (0, 1] of a flow model shifted by `shift`."""
+    return shift * t / (1 + (shift - 1) * t)
+
+
+def flow_schedule(shift: float, steps: int, karras: bool) -> list[float]:
+    """The reference's schedule of a flow model (a 1000-level table, timestep = sigma): "normal" spaces the
+    timesteps evenly from the top level to the lowest level's sigma and shifts each, "karras" (`karras: true`)
+    ramps between the table's ends; then 0."""
+    lowest = flow_sigma(shift, 1 / FLOW_LEVELS)
+    if karras:
+        return karras_sigmas(lowest, 1.0, steps)
+    return [flow_sigma(shift, float(t)) for t in torch.linspace(1.0, lowest, steps)] + [0.0]

@@ -8,7 +8,8 @@ The parts (see `models/catalog.py` for the manifest that names them):
 - `text_encoders`: `qwen_3_4b.safetensors`, Qwen3 in transformers' own names under `model.`; its tokenizer
   (with the chat template the pipeline applies) is downloaded beside it (`zimage_files`).
 
-Sampling is the reference's: Euler over the flow-matching "simple" schedule of a model shifted by 3.
+Sampling is the reference's: Euler over the flow-matching schedule of a model shifted by 3 ("normal", or
+Karras' ramp for `karras: true`; the reference sets its scheduler from `karras` for every baseline).
 """
 
 from __future__ import annotations
@@ -135,7 +136,7 @@ def tokenizer(folder: Path):
 
 
 def scheduler():
-    """Flow-matching Euler that runs the sigmas it is given unchanged (`simple_sigmas` computes them)."""
+    """Flow-matching Euler that runs the sigmas it is given unchanged (`sigmas` computes them)."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=False)
@@ -161,15 +162,12 @@ def build_pipeline(manifest: Path, dtype: torch.dtype):
                           tokenizer=tokenizer(text_file.parent / TOKENIZER_DIR), transformer=transformer)
 
 
-def flow_sigma(t: float) -> float:
-    """The noise level of a flow model shifted by SHIFT at timestep `t` in (0, 1]."""
-    return SHIFT * t / (1 + (SHIFT - 1) * t)
+def sigmas(steps: int, karras: bool) -> list[float]:
+    """The reference's schedule for a job (normal, or Karras' with `karras`) without the final 0, which the
+    scheduler adds."""
+    from horde_worker.inference.schedules import flow_schedule
 
-
-def simple_sigmas(steps: int) -> list[float]:
-    """The reference's "simple" schedule: `steps` levels taken evenly from the model's 1000-level table, from
-    the top (the final 0 is the scheduler's)."""
-    return [flow_sigma((1000 - int(i * 1000 / steps)) / 1000) for i in range(steps)]
+    return flow_schedule(SHIFT, steps, karras)[:-1]
 
 
 def _start(pipe, request) -> torch.Tensor:
@@ -213,7 +211,7 @@ def run(model, request, on_step=None) -> list[np.ndarray]:
               "output_type": "np", "callback_on_step_end": step_end}
     own = derived_pipeline(pipe, scheduler=scheduler())  # this job's own scheduler state
     if sources.image is None:
-        output = own(num_inference_steps=steps, sigmas=simple_sigmas(steps),
+        output = own(num_inference_steps=steps, sigmas=sigmas(steps, request.karras),
                      latents=_start(pipe, request).to(pipe.transformer.device), **common)
     else:
         # As for Flux: the last `steps` levels of the schedule made for int(steps / denoise) steps.
@@ -222,5 +220,5 @@ def run(model, request, on_step=None) -> list[np.ndarray]:
         generators = [torch.Generator("cpu").manual_seed(int(seed)) for seed in request.seeds]
         output = derived_pipeline(own, "img2img")(
             image=[sources.image] * count, strength=(steps - 0.5) / total, num_inference_steps=total,
-            sigmas=simple_sigmas(total), generator=generators, **common)
+            sigmas=sigmas(total, request.karras), generator=generators, **common)
     return to_uint8(output.images)

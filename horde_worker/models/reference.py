@@ -42,6 +42,18 @@ BASELINES = {
 }
 # Baselines served only with load_large_models: the weights alone exceed 8 GB.
 LARGE_BASELINES = frozenset({"stable_cascade", "flux_1", "qwen_image", "z_image_turbo"})
+# What the horde multiplies a job's kudos by, per baseline (others: 1); Cascade's two-pass hires fix pays 7.
+KUDOS_MULTIPLIERS = {"stable_diffusion_xl": 2, "stable_cascade": 4, "flux_1": 8, "z_image_turbo": 8, "qwen_image": 12}
+CASCADE_HIRES_MULTIPLIER = 7
+
+
+def kudos_multiplier(baseline: str, hires_fix: bool = False) -> int:
+    """The horde's kudos multiplier for a job of `baseline`."""
+    if baseline == "stable_cascade" and hires_fix:
+        return CASCADE_HIRES_MULTIPLIER
+    return KUDOS_MULTIPLIERS.get(baseline, 1)
+
+
 # The file types of a split entry that hold the diffusion model itself (the others: vae, text_encoders, ...).
 MAIN_FILE_TYPES = (None, "unet", "ckpt", "stable_cascade_stage_c")
 

@@ -408,4 +408,6 @@ class Supervisor:
     def status_text(self) -> str:
         """The live status line."""
         slots: list[Any] = list(self.pool.slots) if self.pool is not None else []
-        return status_line(list(self.jobs.values()), self.stats, unusable=[s.spec.slot for s in slots if not s.usable])
+        baselines = {name.lower(): self.catalog.get(name).baseline for name in self.catalog.names()}
+        return status_line(list(self.jobs.values()), self.stats, unusable=[s.spec.slot for s in slots if not s.usable],
+                           baselines=baselines)

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+
+from horde_worker.models.reference import kudos_multiplier
 
 from horde_worker.supervisor.job import Job, JobState
 
@@ -62,13 +65,18 @@ class SessionStats:
                 f"kudos={self.kudos:.2f}")
 
 
-def status_line(jobs: list[Job], s: SessionStats, unusable: list[int] | None = None) -> str:
-    """The live status line: jobs done, the queue, what runs now, kudos and speed, and slots given up."""
+def status_line(jobs: list[Job], s: SessionStats, unusable: list[int] | None = None,
+                baselines: Mapping[str, str] | None = None) -> str:
+    """The live status line: jobs done, the queue, what runs now (with the horde's kudos multiplier of its
+    baseline, from `baselines`: model name -> baseline), kudos and speed, and slots given up."""
     running = [j for j in jobs if j.state is JobState.RUNNING]
     current = ""
     if len(running) == 1:
         step, total = running[0].progress
-        current = f" | running {running[0].model} {step}/{total}"
+        multiplier = kudos_multiplier((baselines or {}).get(running[0].model.lower(), ""),
+                                      bool(running[0].pop.payload.hires_fix))
+        paid = f" (kudos x{multiplier})" if multiplier > 1 else ""
+        current = f" | running {running[0].model}{paid} {step}/{total}"
     elif running:
         current = f" | running {len(running)} jobs (" + ", ".join(
             f"{j.progress[0]}/{j.progress[1]}" for j in running[:4]) + (", ..." if len(running) > 4 else "") + ")"
