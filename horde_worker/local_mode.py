@@ -39,7 +39,8 @@ def run_local(settings: BridgeData, args, devices: list[str], console) -> int:
     from horde_worker.horde.client import HordeClient, RetryPolicy
 
     logger.warning("LOCAL MODE: serving an embedded horde on 127.0.0.1 with tiny random-weight models (SD1 {!r} by "
-                   "default; also horde-worker-tiny-sd2, -sdxl, -flux, -zimage and -qwen); nothing goes to the real horde. "
+                   "default; also horde-worker-tiny-sd2, -sdxl, -flux, -zimage, -qwen and -cascade); nothing goes to "
+                   "the real horde. "
                    "To serve it, copy bridgeData_template.yaml to bridgeData.yaml, set api_key and dreamer_name, and start "
                    "without --local.", DEMO_MODEL_NAME)
     local_models = ensure_local_models(Path(settings.cache_home))

@@ -55,6 +55,8 @@ def test_local_requests_file_is_replayed_into_out(tmp_path, model_cache):
          "params": {"steps": 9, "width": 128, "height": 64, "sampler_name": "k_euler", "cfg_scale": 1.0}},
         {"prompt": "a harbour ### fog", "models": ["horde-worker-tiny-qwen"],
          "params": {"steps": 20, "width": 64, "height": 128, "sampler_name": "k_euler", "cfg_scale": 2.5}},
+        {"prompt": "a meadow", "models": ["horde-worker-tiny-cascade"],
+         "params": {"steps": 20, "width": 128, "height": 64, "sampler_name": "k_dpmpp_2m", "cfg_scale": 4.0}},
         {"prompt": "a red door", "models": ["horde-worker-tiny-sd15-inpainting"], "source_processing": "inpainting",
          "source_image": b64(red), "source_mask": b64(mask), "params": {"steps": 3, "width": 64, "height": 64}},
         {"prompt": "a blue boat", "source_image": b64(red), "params": {"steps": 3, "width": 64, "height": 64,
@@ -73,7 +75,7 @@ def test_local_requests_file_is_replayed_into_out(tmp_path, model_cache):
                         "--name", "replayer")
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
-    assert len(results) == 12, result.stderr[-3000:]
+    assert len(results) == 13, result.stderr[-3000:]
     first = results[0]
     assert first["done"] and [g["seed"] for g in first["generations"]] == ["77", "78"]
     for gen in first["generations"]:
@@ -89,14 +91,16 @@ def test_local_requests_file_is_replayed_into_out(tmp_path, model_cache):
         assert np.asarray(image)[:, :, 3].std() > 0
     # Every baseline has a tiny model in local mode.
     models = ["horde-worker-tiny-sdxl", "horde-worker-tiny-flux", "horde-worker-tiny-sd2", "horde-worker-tiny-zimage",
-              "horde-worker-tiny-qwen"]
-    for entry, model in zip(results[2:7], models, strict=True):
+              "horde-worker-tiny-qwen", "horde-worker-tiny-cascade"]
+    for entry, model in zip(results[2:8], models, strict=True):
         assert entry["done"] and [g["model"] for g in entry["generations"]] == [model], entry
     with Image.open(out / results[5]["generations"][0]["file"]) as image:
         assert image.size == (128, 64)
     with Image.open(out / results[6]["generations"][0]["file"]) as image:
         assert image.size == (64, 128)
-    results = results[:5] + results[7:]  # the rest as before
+    with Image.open(out / results[7]["generations"][0]["file"]) as image:
+        assert image.size == (128, 64)
+    results = results[:5] + results[8:]  # the rest as before
     inpainted, img2img = results[5]["generations"][0], results[6]["generations"][0]
     with Image.open(out / inpainted["file"]) as image:
         pixels = np.asarray(image.convert("RGB"), dtype=int)

@@ -160,14 +160,16 @@ def test_the_references_requirements_and_unsupported_features_are_refused_with_a
     assert "LoRAs" in why(loras=[{"name": "123"}])
 
 
-def test_qwen_image_plans_its_parts_and_tokenizer_and_cascade_is_left_out_with_the_reason(merged, tmp_path):
+def test_qwen_image_and_cascade_plan_their_parts_and_qwen_its_tokenizer(merged, tmp_path):
     plan = plan_catalog(["Qwen-Image_fp8", "Stable Cascade 1.0"], [], tmp_path, merged, {}, load_large_models=True)
     assert not plan.ready
     assert {t.dest.relative_to(tmp_path).as_posix() for _, t in plan.to_download} == {
         "compvis/qwen_image_fp8_e4m3fn.safetensors", "vae/qwen_image_vae.safetensors",
         "text_encoders/qwen_2.5_vl_7b_fp8_scaled.safetensors",
-        "text_encoders/qwen2.5-vl-tokenizer/tokenizer.json", "text_encoders/qwen2.5-vl-tokenizer/tokenizer_config.json"}
+        "text_encoders/qwen2.5-vl-tokenizer/tokenizer.json", "text_encoders/qwen2.5-vl-tokenizer/tokenizer_config.json",
+        "compvis/stable_cascade_stage_b.safetensors", "compvis/stable_cascade_stage_c.safetensors"}
     hashed = {t.dest.name for _, t in plan.to_download if t.sha256}
     assert hashed == {"qwen_image_fp8_e4m3fn.safetensors", "qwen_image_vae.safetensors",
-                      "qwen_2.5_vl_7b_fp8_scaled.safetensors"}  # the tokenizer has no hash in the reference
-    assert any("Stable Cascade is not supported by this worker yet" in n for n in plan.notices)
+                      "qwen_2.5_vl_7b_fp8_scaled.safetensors", "stable_cascade_stage_b.safetensors",
+                      "stable_cascade_stage_c.safetensors"}  # the tokenizer has no hash in the reference
+    assert not plan.notices

@@ -8,8 +8,7 @@ sizes are read from the tensors.
 
 A job runs as the reference runs it: stage C on a 42× compressed latent for 2/3 of the steps with the job's
 cfg, stage B on a 4× latent for the other third without guidance (its text input zeroed), conditioned on stage
-C's result, then stage A decodes. Both stages sample with the job's sampler on the "simple" schedule of the
-cosine noise schedule (stage C's shifted by 2), as an eps-predicting model.
+C's result, then stage A decodes (`cascade_run.py`).
 """
 
 from __future__ import annotations
@@ -18,7 +17,6 @@ import math
 import re
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from horde_worker.inference.checkpoint import CheckpointError, _count_indices, _load_exact, skip_weight_init

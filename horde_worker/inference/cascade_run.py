@@ -2,7 +2,8 @@
 
 The model is eps-predicting on a cosine noise schedule (s = 0.008, a 10000-level table); stage C's schedule
 is shifted by 2 (its log-SNR lowered by 2·ln 2), stage B's not. The UNets are told the timestep of a level on
-the unshifted cosine. Both stages run the job's sampler (`ksamplers.py`) on the "simple" schedule: stage C
+the unshifted cosine. Both stages run the job's sampler (`ksamplers.py`) on the reference's schedule ("normal",
+or Karras' ramp for `karras: true`): stage C
 `round(0.67 × steps)` steps with the job's cfg, stage B `round(0.33 × steps)` steps without guidance, its
 pooled text zeroed and stage C's result as its image conditioning. A remix job conditions stage C on the CLIP
 image embeddings of its source (strength 1) and of each extra source image (its own strength).
@@ -17,7 +18,7 @@ import numpy as np
 import torch
 
 from horde_worker.inference import cascade, ksamplers
-from horde_worker.inference.schedules import ModelSigmas, simple_sigmas, start_noise_scale
+from horde_worker.inference.schedules import ModelSigmas, karras_sigmas, start_noise_scale
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -30,6 +31,22 @@ def _alphas_cumprod(t: torch.Tensor, shift: float) -> torch.Tensor:
         log_snr = (alpha / (1 - alpha)).log() + 2 * math.log(1 / shift)
         alpha = log_snr.sigmoid()
     return alpha.clamp(1e-4, 0.9999)
+
+
+def sigma_at(t: float, shift: float) -> float:
+    """A stage's noise level at timestep `t` in (0, 1]."""
+    alpha = float(_alphas_cumprod(torch.tensor(float(t), dtype=torch.float64), shift))
+    return math.sqrt((1 - alpha) / alpha)
+
+
+def schedule(shift: float, steps: int, karras: bool) -> tuple[ModelSigmas, list[float]]:
+    """(the stage's levels, the sigmas a job runs): "normal" spaces the timesteps evenly between those of the
+    table's ends, "karras" (`karras: true`) ramps between the ends; then 0."""
+    table = model_sigmas(shift)
+    if karras:
+        return table, karras_sigmas(table.sigma_min, table.sigma_max, steps)
+    timesteps = torch.linspace(timestep_ratio(table.sigma_max), timestep_ratio(table.sigma_min), steps)
+    return table, [sigma_at(float(t), shift) for t in timesteps] + [0.0]
 
 
 def model_sigmas(shift: float) -> ModelSigmas:
@@ -151,26 +168,28 @@ def run(model, request, on_step=None) -> list[np.ndarray]:
             image = empty_image
         guided = request.cfg_scale > 1
 
+        def prior_eps(inputs: torch.Tensor, ratio: torch.Tensor, conditions: list[tuple]) -> list[torch.Tensor]:
+            """The prior's eps for each (text, pooled, image) condition, in one batch when their shapes allow."""
+            if len({tuple(c[2].shape) for c in conditions}) > 1:  # remix images vs none: separate passes
+                return [prior_eps(inputs, ratio, [c])[0] for c in conditions]
+            merged = [torch.cat([c[i].expand(count, -1, -1) for c in conditions]) for i in range(3)]
+            rows = len(conditions)
+            eps = prior(inputs.repeat(rows, 1, 1, 1), ratio.repeat(rows), clip_text=merged[0],
+                        clip_text_pooled=merged[1], clip_img=merged[2], return_dict=False)[0].float()
+            return list(eps.chunk(rows))
+
         def prior_denoise(x: torch.Tensor, sigma: float) -> torch.Tensor:
             inputs = (x / math.sqrt(sigma * sigma + 1)).to(dtype)
-            rows = 2 * count if guided else count
-            conditions = {"clip_text": torch.cat([text.expand(count, -1, -1)]
-                                                 + ([negative_text.expand(count, -1, -1)] if guided else [])),
-                          "clip_text_pooled": torch.cat([pooled.expand(count, -1, -1)]
-                                                        + ([negative_pooled.expand(count, -1, -1)] if guided else [])),
-                          "clip_img": torch.cat([image.expand(count, -1, -1)]
-                                                + ([empty_image.expand(count, -1, -1)] if guided else []))}
-            ratio = torch.full((rows,), timestep_ratio(sigma), device=device, dtype=dtype)
-            eps = prior(inputs.repeat(rows // count, 1, 1, 1), ratio, return_dict=False, **conditions)[0].float()
+            ratio = torch.full((count,), timestep_ratio(sigma), device=device, dtype=dtype)
+            conditions = [(text, pooled, image)] + ([(negative_text, negative_pooled, empty_image)] if guided else [])
+            eps = prior_eps(inputs, ratio, conditions)
             if guided:
-                cond, uncond = eps.chunk(2)
-                eps = uncond + request.cfg_scale * (cond - uncond)
-            return x - sigma * eps
+                eps[0] = eps[1] + request.cfg_scale * (eps[0] - eps[1])
+            return x - sigma * eps[0]
 
         shape = (count, prior.config.in_channels, request.height // cascade.COMPRESSION,
                  request.width // cascade.COMPRESSION)
-        table = model_sigmas(cascade.PRIOR_SHIFT)
-        sigmas = simple_sigmas(table, prior_steps)
+        table, sigmas = schedule(cascade.PRIOR_SHIFT, prior_steps, request.karras)
         x = start_noise(seeds, shape).to(device) * start_noise_scale(table, sigmas)
         evaluations = len(ksamplers.evaluation_sigmas(spec.algorithm, sigmas))
         prior_latent = sample(prior_denoise, x, sigmas, spec.algorithm, seeds,
@@ -187,8 +206,7 @@ def run(model, request, on_step=None) -> list[np.ndarray]:
 
         shape = (count, decoder.config.in_channels, request.height // cascade.STAGE_B_COMPRESSION,
                  request.width // cascade.STAGE_B_COMPRESSION)
-        table = model_sigmas(1.0)
-        sigmas = simple_sigmas(table, decoder_steps)
+        table, sigmas = schedule(1.0, decoder_steps, request.karras)
         x = start_noise(seeds, shape).to(device) * start_noise_scale(table, sigmas)
         evaluations = len(ksamplers.evaluation_sigmas(spec.algorithm, sigmas))
         latent = sample(decoder_denoise, x, sigmas, spec.algorithm, seeds, ticker("decoder", decoder_steps, evaluations))

@@ -55,7 +55,8 @@ def img2img_steps(steps: int, strength: float) -> int:
 
 # Baselines with a pipeline module of their own (its `run(model, request, on_step)`), and how they are named.
 SPLIT_RUNNERS = {"z_image_turbo": ("horde_worker.inference.zimage", "Z-Image"),
-                 "qwen_image": ("horde_worker.inference.qwen_image", "Qwen-Image")}
+                 "qwen_image": ("horde_worker.inference.qwen_image", "Qwen-Image"),
+                 "stable_cascade": ("horde_worker.inference.cascade_run", "Stable Cascade")}
 
 
 def run_job(model, request: GenerateRequest, on_step: Callable[[int, int], None] | None = None) -> JobOutput:

@@ -75,6 +75,9 @@ def sampler_refusal(sampler_name: str, baseline: str) -> str | None:
                                                       f"{sampler_name!r}"
     if sampler_name not in SAMPLERS:
         return f"sampler {sampler_name!r} is not implemented by this worker"
+    if baseline == "stable_cascade" and SAMPLERS[sampler_name].algorithm in (None, "dpm_adaptive"):
+        # Its two stages run the k-diffusion samplers on its own noise schedule (inference/cascade_run.py).
+        return f"sampler {sampler_name!r} is not available for Stable Cascade models"
     return None
 
 

@@ -199,6 +199,7 @@ LOCAL_MODELS = {
     # A split model: its manifest in compvis/, its parts in vae/ and text_encoders/ (tiny_zimage.py).
     "horde-worker-tiny-zimage": ("horde-worker-tiny-zimage.parts.json", "z_image_turbo"),
     "horde-worker-tiny-qwen": ("horde-worker-tiny-qwen.parts.json", "qwen_image"),
+    "horde-worker-tiny-cascade": ("horde-worker-tiny-cascade.parts.json", "stable_cascade"),
     INPAINTING_MODEL_NAME: (f"{INPAINTING_MODEL_NAME}.safetensors", "stable_diffusion_1"),
 }
 
@@ -248,6 +249,10 @@ def _write_local_models(folder: Path) -> None:
             from horde_worker.inference.tiny_qwen import write_tiny_qwen
 
             write_tiny_qwen(folder, name)
+        elif baseline == "stable_cascade":
+            from horde_worker.inference.tiny_cascade import write_tiny_cascade
+
+            write_tiny_cascade(folder, name)
         elif baseline == "flux_1":
             write_tiny_flux_checkpoint(path)
         else:

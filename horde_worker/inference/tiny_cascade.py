@@ -51,8 +51,8 @@ def tiny_cascade_components(seed: int = 0):
     with torch.no_grad():
         # Random stages do not remove the noise they are given (latents stay near the top sigma, ~100), and stage
         # A's output would be clipped to black and white: take its input down to unit size, centre it on grey.
-        vqgan.up_blocks[0][0].weight.mul_(0.01)
-        vqgan.out_block[0].weight.mul_(0.1)
+        vqgan.up_blocks[0][0].weight.mul_(0.03)
+        vqgan.out_block[0].weight.mul_(0.5)
         vqgan.out_block[0].bias.fill_(0.5)
         for unet in (prior, decoder):
             # The released init leaves the output at zero (trained models' never is) and the conditioning tiny.
@@ -60,6 +60,8 @@ def tiny_cascade_components(seed: int = 0):
             for name in ("clip_txt_mapper", "clip_txt_pooled_mapper", "clip_img_mapper"):
                 if hasattr(unet, name):
                     getattr(unet, name).weight.normal_(0, 0.5)
+        for layer in (decoder.effnet_mapper[0], decoder.effnet_mapper[2]):
+            layer.weight.normal_(0, 0.5)
     return tuple(m.eval() for m in (prior, decoder, text, vision, vqgan))
 
 

@@ -18,11 +18,11 @@ import torch
 # Bytes per latent pixel per denoiser row (a CFG pair is two rows), at half precision.
 DENOISE_BYTES_PER_LATENT_PIXEL = {"stable_diffusion_1": 40_000, "stable_diffusion_2": 40_000,
                                   "stable_diffusion_xl": 60_000, "flux_1": 90_000, "z_image_turbo": 90_000,
-                                  "qwen_image": 110_000}
+                                  "qwen_image": 110_000, "stable_cascade": 60_000}
 # Bytes per image pixel for the VAE decode of one image (SDXL's decodes in float32).
 DECODE_BYTES_PER_PIXEL = {"stable_diffusion_1": 1_500, "stable_diffusion_2": 1_500,
                           "stable_diffusion_xl": 3_200, "flux_1": 3_200, "z_image_turbo": 3_200,
-                          "qwen_image": 4_000}
+                          "qwen_image": 4_000, "stable_cascade": 2_000}
 
 
 def tensors_bytes(modules: Iterable[torch.nn.Module]) -> int:

@@ -28,10 +28,8 @@ from horde_worker.models.resolve import resolve
 
 # Baselines whose checkpoints this worker loads and generates with.
 LOADABLE_BASELINES = {"stable_diffusion_1", "stable_diffusion_2", "stable_diffusion_xl", "flux_1", "z_image_turbo",
-                      "qwen_image"}
-REFUSED_BASELINES = {
-    "stable_cascade": "Stable Cascade is not supported by this worker yet",
-}
+                      "qwen_image", "stable_cascade"}
+REFUSED_BASELINES: dict[str, str] = {}
 MANIFEST_SUFFIX = ".parts.json"
 # The tokenizer each split baseline fetches beside its text encoder: (folder, file name -> URL).
 SPLIT_TOKENIZERS = {"z_image_turbo": (ZIMAGE_TOKENIZER_DIR, ZIMAGE_TOKENIZER_URLS),

@@ -15,7 +15,7 @@ from horde_worker.supervisor.job import Job
 
 SEED_RANGE = 2**32
 # Baselines served from split files without adapters: LoRAs and textual inversions are refused for them.
-SPLIT_BASELINE_NAMES = {"z_image_turbo": "Z-Image", "qwen_image": "Qwen-Image"}
+SPLIT_BASELINE_NAMES = {"z_image_turbo": "Z-Image", "qwen_image": "Qwen-Image", "stable_cascade": "Stable Cascade"}
 
 
 def base_seed(payload: JobPayload) -> int:
@@ -46,7 +46,7 @@ def unsupported_reason(job: Job, catalog: ModelCatalog) -> str | None:
         return f"model {job.model!r} is not served by this worker"
     model = catalog.get(job.model)
     baseline = model.baseline
-    if payload.tiling and baseline in ("flux_1", "z_image_turbo", "qwen_image"):
+    if payload.tiling and baseline in ("flux_1", "z_image_turbo", "qwen_image", "stable_cascade"):
         return f"tiling is not available for {baseline} models"
     used = {"hires_fix": payload.hires_fix, "controlnet": bool(payload.control_type),
             "inpainting": job.pop.source_processing in ("inpainting", "outpainting")}
@@ -55,6 +55,9 @@ def unsupported_reason(job: Job, catalog: ModelCatalog) -> str | None:
         return f"{', '.join(excluded)} is not supported by {model.name} (the model reference says so)"
     if baseline in SPLIT_BASELINE_NAMES and (payload.loras or payload.tis):
         return f"LoRAs and textual inversions are not available for {SPLIT_BASELINE_NAMES[baseline]} models"
+    processing = job.pop.source_processing or "img2img"
+    if baseline == "stable_cascade" and job.pop.source_image and processing != "remix":
+        return f"{processing} is not available for Stable Cascade models (remix is)"
     if model.samplers and payload.sampler_name not in model.samplers:
         return f"{model.name} samples with {', '.join(model.samplers)} only, not {payload.sampler_name!r}"
     refusal = sampler_refusal(payload.sampler_name, baseline)

@@ -7,7 +7,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from horde_worker.models.reference import kudos_multiplier
-
 from horde_worker.supervisor.job import Job, JobState
 
 
