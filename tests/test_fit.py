@@ -18,7 +18,17 @@ from tests.conftest import job_request
 
 
 def _model(tmp_path, baseline):
-    if baseline == "flux_1":
+    if baseline == "qwen_image":
+        from horde_worker.inference.tiny_qwen import write_tiny_qwen
+
+        manifest = tmp_path / "compvis" / "Qwen-Image.parts.json"
+        path = manifest if manifest.exists() else write_tiny_qwen(tmp_path / "compvis")
+    elif baseline == "stable_cascade":
+        from horde_worker.inference.tiny_cascade import write_tiny_cascade
+
+        manifest = tmp_path / "compvis" / "Stable_Cascade.parts.json"
+        path = manifest if manifest.exists() else write_tiny_cascade(tmp_path / "compvis")
+    elif baseline == "flux_1":
         path = write_tiny_flux_checkpoint(tmp_path / "f.safetensors", guidance=True)
     else:
         path = write_tiny_checkpoint(tmp_path / "m.safetensors", baseline)
@@ -46,18 +56,22 @@ def test_the_plan_takes_the_cheapest_steps_that_fit(tmp_path):
     assert fit.heavier(fit.FitPlan(True, False, False), fit.FitPlan(False, True, False)) == fit.FitPlan(True, True)
 
 
-@pytest.mark.parametrize("baseline", ["stable_diffusion_1", "stable_diffusion_xl", "flux_1"])
+DENOISER = {"flux_1": "transformer", "qwen_image": "transformer", "stable_cascade": "prior"}
+
+
+@pytest.mark.parametrize("baseline", ["stable_diffusion_1", "stable_diffusion_xl", "flux_1", "qwen_image",
+                                      "stable_cascade"])
 def test_visiting_encoders_and_blocks_give_the_same_images(tmp_path, baseline):
     full = _model(tmp_path, baseline)
     fitted = _model(tmp_path, baseline)
     request = job_request(baseline=baseline, width=64, height=64, steps=3, seeds=[5, 6],
-                          cfg_scale=3.5 if baseline == "flux_1" else 7.0)
+                          cfg_scale={"flux_1": 3.5, "qwen_image": 2.0}.get(baseline, 7.0))
     expected = generate_images(full, request)
     # On this CPU the "device" is a second copy of each visiting module's weights, made for each forward.
     plan = fit.FitPlan(encoders_visit=True, blocks_visit=True)
     assert fitted.fit.apply(fitted, plan, torch.device("cpu"))
     visitors = fitted.fit.visitors
-    assert set(visitors) >= {"text_encoder", "unet" if baseline != "flux_1" else "transformer"}
+    assert set(visitors) >= {"text_encoder", DENOISER.get(baseline, "unet")}
     got = generate_images(fitted, request)
     assert fitted.fit.visits() > 0
     for a, b in zip(got, expected, strict=True):

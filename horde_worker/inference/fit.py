@@ -22,8 +22,8 @@ from loguru import logger
 
 from horde_worker.inference.transfer import PackedWeights
 
-ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
-DENOISERS = ("unet", "transformer")
+ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3", "image_encoder")
+DENOISERS = ("unet", "transformer", "prior", "decoder")  # Stable Cascade's stages C and B are the last two
 
 
 @dataclass(frozen=True)
@@ -70,11 +70,13 @@ def model_parts(pipeline) -> dict[str, int]:
 
 
 def large_blocks(denoiser: torch.nn.Module) -> list[torch.nn.Module]:
-    """The denoiser's blocks that visit one at a time: a UNet's down/mid/up blocks, a transformer's blocks."""
+    """The denoiser's blocks that visit one at a time: a UNet's down/mid/up blocks, a transformer's blocks (a
+    level that is only a list of blocks, as in Stable Cascade's UNets, gives its blocks: a list has no forward)."""
     blocks: list[torch.nn.Module] = []
     for name in ("down_blocks", "up_blocks", "transformer_blocks", "single_transformer_blocks",
                  "noise_refiner", "context_refiner", "layers"):
-        blocks += list(getattr(denoiser, name, None) or [])
+        for block in getattr(denoiser, name, None) or []:
+            blocks += list(block) if isinstance(block, torch.nn.ModuleList) else [block]
     mid = getattr(denoiser, "mid_block", None)
     if mid is not None:
         blocks.insert(len(getattr(denoiser, "down_blocks", None) or []), mid)

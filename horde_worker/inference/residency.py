@@ -211,7 +211,7 @@ class Residency:
 
             # Read into RAM for a GPU: the VAE takes the precision it will run in there.
             run_vae_in(model.pipeline.vae, vae_dtype(self.device, model.pipeline.vae.dtype))
-        if self.fp8_matmuls and "transformer" in getattr(model.pipeline, "fp8_parts", ()):
+        if self.fp8_matmuls and model.baseline == "flux_1" and "transformer" in getattr(model.pipeline, "fp8_parts", ()):
             from horde_worker.inference import fp8
 
             if fp8.supported(self.device):
