@@ -110,12 +110,15 @@ def test_img2img_starts_from_the_source_and_refusals_are_clear(model):
         generate_images(model, job_request(**{**fields, "sampler_name": "k_dpmpp_2m"}))
 
 
-def test_the_benchmark_runs_on_the_cpu(tmp_path):
+def test_the_new_baselines_benchmark_runs_on_the_cpu(tmp_path):
     import json
 
-    from horde_worker.bench.zimage import main
+    from horde_worker.bench.new_baselines import main
 
     out = tmp_path / "z.json"
     assert main(["--device", "cpu", "--images", "1", "--json", str(out)]) == 0
-    figures = json.loads(out.read_text())["z_image_turbo"]
-    assert figures["worker_s_per_image"] > 0 and figures["plain_diffusers_s_per_image"] > 0
+    results = json.loads(out.read_text())
+    for baseline, steps in (("z_image_turbo", 9), ("qwen_image", 20), ("stable_cascade", 20)):
+        figures = results[baseline]
+        assert figures["steps"] == steps and figures["worker_s_per_image"] > 0
+        assert figures["plain_diffusers_s_per_image"] > 0 and figures["ratio_plain_over_worker"] > 0
