@@ -36,7 +36,8 @@ class RunningSupervisor:
             folder.mkdir(parents=True, exist_ok=True)
         values = {"dreamer_name": "harness-worker", "api_key": horde.api_key, "horde_url": horde.url,
                   "cache_home": str(tmp_path / "cache"), "max_threads": slots, "queue_size": 1, "max_batch": 4,
-                  "max_power": 8, "allow_post_processing": False, "model_reference_url": "", **settings}
+                  "max_power": 8, "allow_post_processing": False, "model_reference_url": "", "dashboard_port": 0,
+                  **settings}
         self.settings = BridgeData.model_validate(values)
         client = HordeClient(horde.url, horde.api_key, retry=RetryPolicy(attempts=3, base_delay=0.05, max_delay=0.2))
         catalog = ModelCatalog([ServedModel(DEMO_MODEL_NAME, checkpoint or tmp_path / "unused.safetensors",

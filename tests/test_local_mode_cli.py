@@ -56,7 +56,8 @@ def test_local_requests_file_is_replayed_into_out(tmp_path, model_cache):
         {"prompt": "a harbour ### fog", "models": ["horde-worker-tiny-qwen"],
          "params": {"steps": 20, "width": 64, "height": 128, "sampler_name": "k_euler", "cfg_scale": 2.5}},
         {"prompt": "a meadow", "models": ["horde-worker-tiny-cascade"],
-         "params": {"steps": 20, "width": 128, "height": 64, "sampler_name": "k_dpmpp_2m", "cfg_scale": 4.0}},
+         "params": {"steps": 20, "width": 128, "height": 64, "sampler_name": "k_dpmpp_2m", "cfg_scale": 4.0,
+                    "post_processing": ["RealESRGAN_x2plus"]}},
         {"prompt": "a red door", "models": ["horde-worker-tiny-sd15-inpainting"], "source_processing": "inpainting",
          "source_image": b64(red), "source_mask": b64(mask), "params": {"steps": 3, "width": 64, "height": 64}},
         {"prompt": "a blue boat", "source_image": b64(red), "params": {"steps": 3, "width": 64, "height": 64,
@@ -99,7 +100,7 @@ def test_local_requests_file_is_replayed_into_out(tmp_path, model_cache):
     with Image.open(out / results[6]["generations"][0]["file"]) as image:
         assert image.size == (64, 128)
     with Image.open(out / results[7]["generations"][0]["file"]) as image:
-        assert image.size == (128, 64)
+        assert image.size == (256, 128)  # post-processed as any other baseline's image: upscaled x2
     results = results[:5] + results[8:]  # the rest as before
     inpainted, img2img = results[5]["generations"][0], results[6]["generations"][0]
     with Image.open(out / inpainted["file"]) as image:

@@ -127,6 +127,11 @@ class BridgeData(BaseModel):
     exit_on_unhandled_faults: bool = False
     stats_output_frequency: int = Field(30, ge=1)
     limited_console_messages: bool = False
+    # The local dashboard and Prometheus metrics (ui/dashboard.py): off with `dashboard: false`; loopback only
+    # unless dashboard_host says otherwise; dashboard_port 0 takes any free port (the log says which).
+    dashboard: bool = True
+    dashboard_host: str = "127.0.0.1"
+    dashboard_port: int = Field(8186, ge=0, le=65535)
 
     def extra_queue(self, engine_places: int) -> int:
         """Jobs popped ahead beyond queue_size: high_performance_mode keeps a whole engine's worth more (at

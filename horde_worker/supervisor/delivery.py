@@ -61,6 +61,8 @@ class Delivery:
         job.image_states = [outcome.state for outcome in outcomes]
         job.image_metadata = [outcome.metadata for outcome in outcomes]
         for index, (outcome, verdict) in enumerate(zip(outcomes, answer.verdicts, strict=True)):
+            kind = outcome.state.value if outcome.reason else "ok"
+            self.sup.stats.safety_verdicts[kind] = self.sup.stats.safety_verdicts.get(kind, 0) + 1
             if outcome.reason:
                 self.sup.stats.censored += 1
                 concepts = ", ".join(f"{k} {v:.3f}" for k, v in sorted(verdict.details.items())[:6])
@@ -110,6 +112,7 @@ class Delivery:
                                         RetryPolicy(attempts=5, base_delay=0.5, max_delay=15))
                 job.uploaded[index] = True
             except HordeUnreachable as exc:
+                self.sup.stats.upload_failures += 1
                 logger.warning("upload for {} failed ({}); the image goes in the submit instead", job.ids[index], exc)
         await self._record(job)
         if job.state is JobState.ENCODED and all(job.uploaded):
@@ -140,6 +143,7 @@ class Delivery:
                     break
                 except HordeUnreachable as exc:
                     attempt += 1
+                    self.sup.stats.submit_retries += 1
                     patience = min(self.sup.submit_patience, STOPPING_PATIENCE) if self.sup.stopping \
                         else self.sup.submit_patience
                     if time.monotonic() - started > patience:

@@ -48,6 +48,9 @@ from horde_worker.supervisor.timelimits import TimeKeeper
 MAX_FINISH_TRIES = 3
 
 
+HISTORY_INTERVAL = 10.0  # seconds between two points of the dashboard's charts
+
+
 class Supervisor:
     """Runs the worker until asked to stop, then drains: jobs that can still finish are finished and submitted."""
 
@@ -80,6 +83,7 @@ class Supervisor:
         self._slot_target = slot_target
         self.restart_backoff = 2.0  # seconds before the second restart in a row, doubling after
         self.pool: SlotPool | None = None
+        self.dashboard = None  # the local web dashboard and /metrics (ui/dashboard.py), once started
         self.safety = safety
         # The safety check waits on its own thread, so a slow or restarting checker never holds up pops and submits.
         self.safety_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="safety-check")
@@ -191,6 +195,11 @@ class Supervisor:
                              self._threadsafe(self.events.on_death),
                              target=self._slot_target, backoff=self.restart_backoff)
         self.pool.start()
+        if self.settings.dashboard:
+            from horde_worker.ui.dashboard import Dashboard
+
+            self.dashboard = Dashboard(self, self.settings.dashboard_host, self.settings.dashboard_port)
+            await self.dashboard.start()
         await self._prepare_worker()
         for job in self.journal.pending():
             logger.info("resuming the submit of job {} left from an earlier run", job.id)
@@ -211,6 +220,8 @@ class Supervisor:
             if self.stopping and not self.jobs and not self.popper.in_flight:
                 break
         await asyncio.to_thread(self.pool.stop)
+        if self.dashboard is not None:
+            await self.dashboard.stop()
         for task in list(self._tasks):
             task.cancel()
         self.safety_executor.shutdown(wait=False, cancel_futures=True)
@@ -232,6 +243,8 @@ class Supervisor:
             for slot in self.pool.restart_due():
                 logger.info("inference slot {} restarted (attempt {} in a row)", slot.spec.slot, slot.failures_in_row)
         self.timekeeper.sweep()
+        if not self.stats.history or time.time() - self.stats.history[-1][0] >= HISTORY_INTERVAL:
+            self.stats.sample_rates()
         self._warn_slow_preloads()
         self._dispatch()
 
@@ -302,6 +315,8 @@ class Supervisor:
             if key not in self._seen_messages:
                 self._seen_messages.add(key)
                 logger.warning("message from the horde's moderators: {}", message.message)
+                self.stats.message("moderator", message.message, "read it on the horde's site; it stays until they "
+                                   "clear it")
 
     def stop_stale_copies(self, key: tuple) -> None:
         """A newly popped request that matches a job in hand whose TTL is (nearly) over: the horde has aborted
@@ -395,6 +410,10 @@ class Supervisor:
 
     def forget(self, job: Job, keep_journal: bool = False) -> None:
         """Drop a job that has ended (its journal entry too, unless it must be submitted at the next start)."""
+        if job.id in self.jobs:
+            outcome = ("abandoned" if job.state is JobState.ABANDONED else "faulted" if job.fault_reason
+                       else "done" if job.state is JobState.SUBMITTED else "dropped")
+            self.stats.finished(job, outcome)
         if not keep_journal:
             with contextlib.suppress(OSError):
                 self.journal.forget(job)

@@ -143,6 +143,7 @@ class Popper:
         if exc.rc in FATAL_POP_ERRORS:
             sup.fatal = f"{FATAL_POP_ERRORS[exc.rc]} ({exc.message})"
             logger.error("the horde refused this worker: {}", sup.fatal)
+            sup.stats.message("refused", sup.fatal, "the worker stops: change what the message names and start again")
             sup.request_stop()
             return 0.0
         if exc.rc in MAINTENANCE_ERRORS:
@@ -151,6 +152,9 @@ class Popper:
                 "logs/trace.log, fix the cause, then clear it on the horde's worker page or with "
                 "remove_maintenance_on_init: true and a restart. Asking again in {:.0f}s.",
                 exc.message, sup.maintenance_interval)
+            sup.stats.message("maintenance", f"the horde has put this worker in maintenance ({exc.message})",
+                              "jobs failed too often: find the cause in logs/trace.log, fix it, then clear maintenance "
+                              "on the horde's worker page or set remove_maintenance_on_init: true and restart")
             return sup.maintenance_interval
         self._failures += 1
         logger.warning("pop refused: {}", exc)

@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from horde_worker.models.reference import kudos_multiplier
 from horde_worker.supervisor.job import Job, JobState
+
+RECENT_JOBS = 50
+STEP_SAMPLES = 2000
+MESSAGES = 20
+HISTORY_POINTS = 720  # at one point per 10 s: the last two hours
 
 
 @dataclass
@@ -31,6 +37,16 @@ class SessionStats:
     engines: dict[int, dict[str, float]] = field(default_factory=dict)
     # Each slot's latest memory plan when its card is smaller than the model and its job (inference/fit.py).
     fits: dict[int, str] = field(default_factory=dict)
+    # For the dashboard and /metrics (ui/): the last jobs with their outcome, counters, per-step seconds, the
+    # horde's messages, and the rates sampled over time.
+    recent: deque = field(default_factory=lambda: deque(maxlen=RECENT_JOBS))
+    model_switches: int = 0
+    upload_failures: int = 0
+    submit_retries: int = 0
+    safety_verdicts: dict[str, int] = field(default_factory=dict)  # "ok", or why an image was censored
+    step_seconds: deque = field(default_factory=lambda: deque(maxlen=STEP_SAMPLES))
+    messages: deque = field(default_factory=lambda: deque(maxlen=MESSAGES))
+    history: deque = field(default_factory=lambda: deque(maxlen=HISTORY_POINTS))
 
     def job_started(self) -> None:
         if self.first_job_at is None:
@@ -43,6 +59,30 @@ class SessionStats:
     def postprocessed(self, seconds: float) -> None:
         self.postprocessed_jobs += 1
         self.postprocess_seconds += seconds
+
+    def finished(self, job: Job, outcome: str) -> None:
+        """A job leaves the worker: `outcome` is done, faulted or abandoned."""
+        censored = sum(1 for state in job.image_states if state.value in ("censored", "csam"))
+        self.recent.appendleft({
+            "id": job.id, "model": job.model, "outcome": "censored" if outcome == "done" and censored else outcome,
+            "reason": job.fault_reason or "", "images": len(job.ids), "censored": censored,
+            "kudos": round(job.reward, 2), "finished_at": time.time(),
+            "seconds": round(time.time() - job.popped_at, 1)})
+
+    def message(self, kind: str, text: str, way_out: str = "") -> None:
+        """A message from the horde (moderators, maintenance) with what the volunteer can do about it."""
+        if not any(m["text"] == text for m in self.messages):
+            self.messages.appendleft({"kind": kind, "text": text, "way_out": way_out, "at": time.time()})
+
+    def sample_rates(self) -> None:
+        """One point of the charts: images/hour, megapixelsteps/s and kudos/hour now."""
+        self.history.append((time.time(), round(self.images_per_hour, 2), round(self.megapixelsteps_per_second, 4),
+                             round(self.kudos_per_hour, 2)))
+
+    @property
+    def images_per_hour(self) -> float:
+        hours = (time.time() - self.started_at) / 3600
+        return self.images / hours if hours > 0 else 0.0
 
     @property
     def kudos_per_hour(self) -> float:
