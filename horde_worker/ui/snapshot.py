@@ -79,8 +79,9 @@ def snapshot(sup) -> dict[str, Any]:
                 JobState.RUNNING, JobState.POSTPROCESSING)]})
     steps = list(stats.step_seconds)
     return {
-        "worker": {"name": sup.settings.dreamer_name, "bridge_agent": BRIDGE_AGENT, "uptime_s": round(now - stats.started_at),
-                   "stopping": sup.stopping, "fatal": sup.fatal, "time": now},
+        "worker": {"name": sup.settings.dreamer_name, "bridge_agent": BRIDGE_AGENT,
+                   "uptime_s": round(now - stats.started_at), "stopping": sup.stopping, "fatal": sup.fatal,
+                   "time": now},
         "totals": {"jobs_done": stats.jobs_done, "jobs_faulted": stats.jobs_faulted,
                    "jobs_abandoned": stats.jobs_abandoned, "censored": stats.censored, "images": stats.images,
                    "kudos": round(stats.kudos, 2), "kudos_per_hour": round(stats.kudos_per_hour, 1),
