@@ -208,7 +208,7 @@ def run_supervisor(settings: BridgeData, client, catalog, devices: list[str], ar
                             journal_dir(settings), stop_condition=stop_condition,
                             config_poll=poll_config, pop_interval=pop_interval, safety=safety)
     status = StatusLine(supervisor.status_text, every=settings.stats_output_frequency, console=console,
-                        live=None if not settings.limited_console_messages else False)
+                        live=None if not settings.limited_console_messages else False, busy=supervisor.busy)
     supervisor.on_tick = status.tick
     interrupts = [0]
 

@@ -6,7 +6,9 @@ import base64
 import io
 import json
 import os
+import re
 import subprocess
+import sys
 
 import numpy as np
 from PIL import Image
@@ -28,6 +30,24 @@ def test_local_jobs_serves_samples_and_ends_with_a_summary(tmp_path, model_cache
     assert last.startswith("summary: jobs=2 ") and "images=2" in last and "megapixelsteps/s=" in last
     assert "LOCAL MODE" in result.stderr
     assert (tmp_path / "logs" / "bridge.log").read_text().count("submitted: 1 image(s)") == 2
+    # A quiet console: only the worker's own lines (no library warnings, progress bars or "0/0" while loading).
+    noise = [line for line in result.stderr.splitlines() if line.strip() and not re.match(r"^\d\d:\d\d:\d\d ", line)]
+    assert noise == [], noise[:5]
+    assert " 0/0 " not in result.stderr and "Warning" not in result.stderr
+
+
+def test_other_libraries_warnings_go_to_the_log_files_not_the_console(tmp_path):
+    code = ("import logging, warnings, pathlib; from horde_worker.ui.logs import setup_logging; "
+            f"setup_logging(pathlib.Path({str(tmp_path / 'logs')!r})); "
+            "warnings.warn('a library is deprecated', FutureWarning); "
+            "logging.getLogger('somelib').warning('weights initialised randomly'); "
+            "from loguru import logger; logger.warning('the worker speaks')")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "the worker speaks" in result.stderr
+    assert "deprecated" not in result.stderr and "randomly" not in result.stderr
+    trace = (tmp_path / "logs" / "trace.log").read_text()
+    assert "FutureWarning: a library is deprecated" in trace and "somelib: weights initialised randomly" in trace
 
 
 def test_local_requests_file_is_replayed_into_out(tmp_path, model_cache):

@@ -219,6 +219,9 @@ def slot_main(conn, spec: SlotSpec) -> None:
     logger.remove()
     Path(spec.log_dir).mkdir(parents=True, exist_ok=True)
     logger.add(Path(spec.log_dir) / f"inference-{spec.slot}.log", rotation="20 MB", retention=3, level="DEBUG")
+    from horde_worker.ui.logs import capture_third_party
+
+    capture_third_party()  # other libraries' warnings into this file, not onto the volunteer's console
     if spec.device == "cpu":
         import torch
 

@@ -111,11 +111,29 @@ def _create_in_child(target, folder: Path, what: str) -> None:
     """Build models in a short-lived child process, so that the supervisor never imports torch."""
     import multiprocessing as mp
 
-    process = mp.get_context("spawn").Process(target=target, args=(folder,))
+    process = mp.get_context("spawn").Process(target=_quietly, args=(target, folder))
     process.start()
     process.join()
     if process.exitcode != 0:
         raise RuntimeError(f"could not create {what} in {folder} (exit code {process.exitcode})")
+
+
+def _quietly(target, folder: Path) -> None:
+    """Run `target(folder)` with other libraries' warnings and progress bars kept off the console."""
+    import os
+
+    from loguru import logger
+
+    from horde_worker.ui.logs import capture_third_party
+
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    logger.remove()
+    logger.add(lambda message: None, level="WARNING")  # the files are written or the exit code says why not
+    capture_third_party()
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+    target(folder)
 
 
 def ensure_demo_model(models_dir: Path) -> Path:

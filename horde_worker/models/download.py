@@ -292,15 +292,19 @@ def rich_progress():
                     TimeRemainingColumn())
 
 
+# Seconds between two progress lines of a download when there is no terminal for a bar.
+LOG_PROGRESS_EVERY = 10.0
+
+
 def download_all(tasks: list[DownloadTask], *, token: str | None = None, show_progress: bool = True) -> list[str]:
     """Download every task with a progress bar each; returns error messages (empty when all worked), a
-    lack of disk space included. Once a host cannot be reached at all, its other files are not tried."""
+    lack of disk space included, for the caller to say once. Once a host cannot be reached at all, its other
+    files are not tried."""
     needed = sum(t.size or 0 for t in tasks)
     if tasks:
         try:
             check_free_space(tasks[0].dest.parent, needed)
         except DownloadError as exc:
-            logger.error(str(exc))
             return [str(exc)]
     errors = []
     unreachable: set[str] = set()
@@ -313,14 +317,18 @@ def download_all(tasks: list[DownloadTask], *, token: str | None = None, show_pr
             if host in unreachable:
                 message = (f"{task.dest.name}: not tried, {host} cannot be reached. To place the file by hand, "
                            f"download {task.url} and save it as {task.dest.name} in {task.dest.parent}")
-                logger.error(message)
                 errors.append(message)
                 continue
             bar = progress.add_task(task.dest.name, total=task.size) if progress is not None else None
+            logged = [time.monotonic()]
 
-            def update(done: int, total: int | None, bar=bar) -> None:
+            def update(done: int, total: int | None, bar=bar, name=task.dest.name, logged=logged) -> None:
                 if progress is not None:
                     progress.update(bar, completed=done, total=total)
+                elif time.monotonic() - logged[0] >= LOG_PROGRESS_EVERY:  # no bar on a non-terminal: a line
+                    logged[0] = time.monotonic()
+                    share = f"{100 * done / total:.0f}% of {total / 1e9:.2f} GB" if total else f"{done / 1e9:.2f} GB"
+                    logger.info("downloading {}: {}", name, share)
 
             try:
                 download(task, token=token, on_progress=update)
@@ -328,7 +336,6 @@ def download_all(tasks: list[DownloadTask], *, token: str | None = None, show_pr
             except DownloadError as exc:
                 if isinstance(exc, HostUnreachable):
                     unreachable.add(exc.host)
-                logger.error(str(exc))
                 errors.append(str(exc))
     finally:
         if progress is not None:

@@ -52,6 +52,9 @@ def safety_main(conn, weights: str, device_name: str, log_dir: str) -> None:
     logger.remove()
     Path(log_dir).mkdir(parents=True, exist_ok=True)
     logger.add(Path(log_dir) / "safety.log", rotation="20 MB", retention=3, level="DEBUG")
+    from horde_worker.ui.logs import capture_third_party
+
+    capture_third_party()  # other libraries' warnings into this file, not onto the volunteer's console
     checker = Checker(Path(weights), device_name)
     conn.send(SafetyReady(device_name))
     while True:

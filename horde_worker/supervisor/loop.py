@@ -424,6 +424,10 @@ class Supervisor:
 
     # --- status ------------------------------------------------------------------------------
 
+    def busy(self) -> bool:
+        """Whether a job is sampling or being post-processed now."""
+        return any(j.state in (JobState.RUNNING, JobState.POSTPROCESSING) for j in self.jobs.values())
+
     def status_text(self) -> str:
         """The live status line."""
         slots: list[Any] = list(self.pool.slots) if self.pool is not None else []

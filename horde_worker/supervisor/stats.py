@@ -115,10 +115,12 @@ def status_line(jobs: list[Job], s: SessionStats, unusable: list[int] | None = N
         multiplier = kudos_multiplier((baselines or {}).get(running[0].model.lower(), ""),
                                       bool(running[0].pop.payload.hires_fix))
         paid = f" (kudos x{multiplier})" if multiplier > 1 else ""
-        current = f" | running {running[0].model}{paid} {step}/{total}"
+        # No step yet: the model is being loaded or the prompt encoded.
+        current = f" | running {running[0].model}{paid} {step}/{total}" if total else \
+            f" | loading {running[0].model}{paid}"
     elif running:
-        current = f" | running {len(running)} jobs (" + ", ".join(
-            f"{j.progress[0]}/{j.progress[1]}" for j in running[:4]) + (", ..." if len(running) > 4 else "") + ")"
+        shown = [f"{j.progress[0]}/{j.progress[1]}" if j.progress[1] else "loading" for j in running[:4]]
+        current = f" | running {len(running)} jobs (" + ", ".join(shown) + (", ..." if len(running) > 4 else "") + ")"
     post = sum(1 for j in jobs if j.state is JobState.POSTPROCESSING)
     if post:
         current += f" | post-processing {post}"

@@ -9,14 +9,19 @@ from rich.console import Console
 from rich.live import Live
 from rich.text import Text
 
+# Seconds between two logged status lines on a non-terminal while jobs run (otherwise `every`).
+BUSY_EVERY = 5.0
+
 
 class StatusLine:
-    """Redraws one line in place on a terminal; elsewhere logs it every `every` seconds."""
+    """Redraws one line in place on a terminal; elsewhere logs it every `every` seconds, every BUSY_EVERY
+    seconds while `busy()` says jobs are running (so a log shows long work moving)."""
 
     def __init__(self, render: Callable[[], str], every: float = 30.0, console: Console | None = None,
-                 live: bool | None = None) -> None:
+                 live: bool | None = None, busy: Callable[[], bool] | None = None) -> None:
         self.render = render
         self.every = every
+        self.busy = busy
         self.console = console or Console(stderr=True)
         self.use_live = self.console.is_terminal if live is None else live
         self._live: Live | None = None
@@ -33,7 +38,8 @@ class StatusLine:
             self._live.update(Text(self.render()))
             return
         self._since_log += seconds
-        if self._since_log >= self.every:
+        every = min(self.every, BUSY_EVERY) if self.busy is not None and self.busy() else self.every
+        if self._since_log >= every:
             self._since_log = 0.0
             logger.info(self.render())
 
