@@ -251,7 +251,8 @@ def start_safety(settings: BridgeData, devices: list[str], log_dir: str, console
     from horde_worker.supervisor.safety_client import SafetyClient, SafetyUnavailable
 
     try:
-        weights = prepare_safety(settings.safety_model, settings.cache_home, show_progress=console.is_terminal)
+        weights = prepare_safety(settings.safety_model, settings.cache_home, show_progress=console.is_terminal,
+                                 mirror=settings.download_mirror)
     except SafetyWeightsMissing as exc:
         logger.error(str(exc))
         return None

@@ -173,3 +173,39 @@ def test_qwen_image_and_cascade_plan_their_parts_and_qwen_its_tokenizer(merged, 
                       "qwen_2.5_vl_7b_fp8_scaled.safetensors", "stable_cascade_stage_b.safetensors",
                       "stable_cascade_stage_c.safetensors"}  # the tokenizer has no hash in the reference
     assert not plan.notices
+
+
+def test_download_mirror_redirects_the_reference_and_every_file_of_a_model(tmp_path, monkeypatch):
+    from urllib.parse import urlsplit
+
+    from horde_worker.config.bridge_data import BridgeData
+    from horde_worker.models.setup import prepare_models
+
+    monkeypatch.setattr("time.sleep", lambda s: None)
+    entry = copy.deepcopy(ZMODEL["Qwen-Image_fp8"])
+    contents = {item["path"]: item["path"].encode() * 100 for item in entry["config"]["files"]}
+    for item in entry["config"]["files"]:
+        item["sha256sum"] = hashlib.sha256(contents[item["path"]]).hexdigest()
+    reference_url = "https://raw.githubusercontent.com/example/reference/main/stable_diffusion.json"
+    with FileServer() as mirror:
+        # The mirror holds each file under <host>/<path> of its origin (the reference's own URLs, untouched).
+        mirror.files[urlsplit(reference_url).hostname + urlsplit(reference_url).path] = json.dumps(
+            {"Qwen-Image_fp8": entry}).encode()
+        for item, download in zip(entry["config"]["files"], entry["config"]["download"], strict=True):
+            origin = urlsplit(download["file_url"])
+            assert origin.hostname == "huggingface.co"
+            mirror.files[f"/{origin.hostname}{origin.path}"] = contents[item["path"]]
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            mirror.files[f"/huggingface.co/Qwen/Qwen2.5-VL-7B-Instruct/resolve/main/{name}"] = b"{}"
+        mirror.files = {("/" + k.lstrip("/")): v for k, v in mirror.files.items()}
+        settings = BridgeData.model_validate({
+            "dreamer_name": "m", "api_key": "k" * 22, "cache_home": str(tmp_path / "models"),
+            "models_to_load": ["Qwen-Image_fp8"], "load_large_models": True, "allow_post_processing": False,
+            "model_reference_url": reference_url, "download_mirror": mirror.url + "/"})
+        catalog, notices = prepare_models(settings, show_progress=False)
+        fetched = [path for path, _ in mirror.requests]
+    assert catalog.names() == ["Qwen-Image_fp8"], notices
+    assert fetched[0] == "/raw.githubusercontent.com/example/reference/main/stable_diffusion.json"
+    assert all(path.startswith(("/huggingface.co/", "/raw.githubusercontent.com/")) for path in fetched)
+    assert (tmp_path / "models" / "vae" / "qwen_image_vae.safetensors").read_bytes() == contents[
+        "qwen_image_vae.safetensors"]

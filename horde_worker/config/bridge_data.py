@@ -74,6 +74,9 @@ class BridgeData(BaseModel):
     cache_home: str = "./models"
     # Where the horde's image model reference is fetched from at start ("" to use the saved copy).
     model_reference_url: str = DEFAULT_REFERENCE_URL
+    # A mirror every file the worker fetches at start comes from instead (models, tokenizers, post-processors,
+    # ControlNets, the safety CLIP and the model reference): <download_mirror>/<host>/<path>. "" uses the origins.
+    download_mirror: str = ""
 
     max_threads: int = Field(1, ge=1, le=50)
     queue_size: int = Field(1, ge=0, le=10)

@@ -296,10 +296,23 @@ def rich_progress():
 LOG_PROGRESS_EVERY = 10.0
 
 
-def download_all(tasks: list[DownloadTask], *, token: str | None = None, show_progress: bool = True) -> list[str]:
+def mirrored(url: str | None, mirror: str) -> str | None:
+    """`url` as served by a mirror (`download_mirror`): `<mirror>/<host>/<path>[?query]`; unchanged without one."""
+    if not url or not mirror:
+        return url
+    parts = urlsplit(url)
+    return f"{mirror.rstrip('/')}/{parts.hostname}{parts.path}" + (f"?{parts.query}" if parts.query else "")
+
+
+def download_all(tasks: list[DownloadTask], *, token: str | None = None, show_progress: bool = True,
+                 mirror: str = "") -> list[str]:
     """Download every task with a progress bar each; returns error messages (empty when all worked), a
     lack of disk space included, for the caller to say once. Once a host cannot be reached at all, its other
-    files are not tried."""
+    files are not tried. With `mirror`, every file comes from the mirror instead (see `mirrored`)."""
+    if mirror:
+        import dataclasses
+
+        tasks = [dataclasses.replace(task, url=mirrored(task.url, mirror)) for task in tasks]
     needed = sum(t.size or 0 for t in tasks)
     if tasks:
         try:

@@ -24,7 +24,7 @@ def reference_clip_task(cache_home: Path) -> DownloadTask:
     return DownloadTask(download["file_url"], Path(cache_home) / "clip" / download["file_name"], sha)
 
 
-def prepare_safety(safety_model: str, cache_home: str, show_progress: bool = True) -> Path:
+def prepare_safety(safety_model: str, cache_home: str, show_progress: bool = True, mirror: str = "") -> Path:
     """The CLIP weights the safety process loads, downloaded (sha256-checked) when missing. Offline, this
     fails within seconds with an error that says where to put the file by hand."""
     if safety_model:
@@ -35,7 +35,7 @@ def prepare_safety(safety_model: str, cache_home: str, show_progress: bool = Tru
     task = reference_clip_task(Path(cache_home))
     if not task.dest.exists():
         logger.info("downloading the safety checker's CLIP model (ViT-L/14, 890 MB)")
-        errors = download_all([task], show_progress=show_progress)
+        errors = download_all([task], show_progress=show_progress, mirror=mirror)
         if errors or not task.dest.exists():
             raise SafetyWeightsMissing("the safety checker's CLIP model could not be downloaded: "
                                        f"{'; '.join(errors) or 'unknown error'}. Every image must be checked before "

@@ -27,12 +27,24 @@ def usage_counts(horde_url: str, api_key: str) -> dict[str, int] | None:
     return {str(k): int(v or 0) for k, v in month.items()}
 
 
+def load_reference_for(settings: BridgeData) -> ModelReference:
+    """The model reference the settings name, through `download_mirror` when one is set."""
+    from horde_worker.models.download import mirrored
+    from horde_worker.models.reference import DEFAULT_REFERENCE_URL, NEW_BASELINES_REFERENCE_URL
+
+    url, mirror = settings.model_reference_url or None, settings.download_mirror
+    if not mirror or not url:
+        return load_reference(Path(settings.cache_home) / "reference", url)
+    extra = mirrored(NEW_BASELINES_REFERENCE_URL, mirror) if url == DEFAULT_REFERENCE_URL else False
+    return load_reference(Path(settings.cache_home) / "reference", mirrored(url, mirror), new_baselines_url=extra)
+
+
 def plan_for(settings: BridgeData, reference: ModelReference | None = None,
              counts: dict[str, int] | None | str = "fetch") -> tuple[CatalogPlan, ModelReference]:
     """Resolve the settings' models against the reference (fetched unless given)."""
     cache_home = Path(settings.cache_home)
     if reference is None:
-        reference = load_reference(cache_home / "reference", settings.model_reference_url or None)
+        reference = load_reference_for(settings)
     if counts == "fetch":
         needs_ranking = any(m.strip().upper().startswith(("TOP", "BOTTOM"))
                             for m in settings.models_to_load + settings.models_to_skip)
@@ -53,7 +65,8 @@ def prepare_models(settings: BridgeData, show_progress: bool = True) -> tuple[Mo
         from horde_worker.models.catalog import served_from_entry, unique_tasks
 
         notices += download_all(unique_tasks([task for _, task in plan.to_download]),
-                                token=settings.civitai_api_token or None, show_progress=show_progress)
+                                token=settings.civitai_api_token or None, show_progress=show_progress,
+                                mirror=settings.download_mirror)
 
         by_model: dict[str, list] = {}
         for entry, task in plan.to_download:
@@ -78,7 +91,7 @@ def prepare_postprocessors(settings: BridgeData, show_progress: bool) -> tuple[P
     notices: list[str] = []
     if tasks:
         logger.info("allow_post_processing: downloading {} post-processor file(s)", len(tasks))
-        notices += download_all(tasks, show_progress=show_progress)
+        notices += download_all(tasks, show_progress=show_progress, mirror=settings.download_mirror)
         setup, _ = plan_postprocessors(Path(settings.cache_home))
     absent = [name for name in HORDE_POSTPROCESSORS if not setup.has(name)]
     if absent:
@@ -93,7 +106,8 @@ def prepare_control(settings: BridgeData, baselines: set[str], show_progress: bo
     notices: list[str] = []
     if tasks:
         logger.info("allow_controlnet: downloading {} ControlNet/annotator file(s)", len(tasks))
-        notices += download_all(tasks, token=settings.civitai_api_token or None, show_progress=show_progress)
+        notices += download_all(tasks, token=settings.civitai_api_token or None, show_progress=show_progress,
+                                mirror=settings.download_mirror)
     ready = ready_setup(setup)
     if not ready.available:
         notices.append("allow_controlnet is on but no ControlNet file is available for the served models "
