@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from horde_worker.config import ConfigError, ConfigWatcher, load_config
-from horde_worker.config.bridge_data import BridgeData
+from horde_worker.config.bridge_data import NOT_YET_HONOURED, BridgeData
 from tests.conftest import REPO
 
 REGEN_KEYS = [
@@ -28,7 +28,8 @@ REGEN_KEYS = [
 def test_template_documents_every_regen_key_and_validates():
     text = (REPO / "bridgeData_template.yaml").read_text()
     data = yaml.safe_load(text)
-    missing = [key for key in REGEN_KEYS if key not in data]
+    # The reference worker's keys that do nothing here are out of the template, each named with its reason.
+    missing = [key for key in REGEN_KEYS if key not in data and not (key in NOT_YET_HONOURED and key in text)]
     assert not missing
     loaded = load_config(REPO / "bridgeData_template.yaml", environ={})
     assert not [n for n in loaded.notices if "unknown key" in n]
