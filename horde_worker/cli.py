@@ -34,6 +34,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", default=os.environ.get("HORDE_WORKER_DEVICE", "auto"),
                         help="auto (default), cpu, cuda, cuda:N or directml")
     parser.add_argument("--log-dir", type=Path, default=Path("logs"), help="where the logs go (default logs/)")
+    parser.add_argument("--benchmark", action="store_true",
+                        help="measure this machine (a few minutes) and print the settings it should run with")
+    parser.add_argument("--write", action="store_true", help="with --benchmark: put them into the settings file")
+    parser.add_argument("--benchmark-quick", action="store_true",
+                        help="with --benchmark: a tiny model instead (checks that it runs; the figures mean nothing)")
     return parser.parse_args(argv)
 
 
@@ -92,6 +97,23 @@ def _console_sink():
     return console, sink
 
 
+def run_advisor(args: argparse.Namespace, devices: list[str], config_path: Path) -> int:
+    """--benchmark: measure, recommend, and with --write put the settings into the file."""
+    from horde_worker.advisor.measure import measure
+    from horde_worker.advisor.recommend import recommend, report
+    from horde_worker.advisor.write import write_settings
+
+    logger.info("measuring {} with SD1.5 at 512x512 (a few minutes)", ", ".join(devices))
+    measurement = measure(devices, quick=args.benchmark_quick)
+    advice = recommend(measurement)
+    print(report(measurement, advice), flush=True)
+    if args.write:
+        changed = write_settings(config_path, advice.settings)
+        logger.info("{}: {} (the previous file is {}.bak)", config_path,
+                    f"set {', '.join(changed)}" if changed else "already had these settings", config_path.name)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit code."""
     args = parse_args(argv)
@@ -121,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         logger.error(str(exc))
         return 2
+    if args.benchmark:
+        return run_advisor(args, devices, config_path)
     try:
         if local:
             from horde_worker.local_mode import run_local

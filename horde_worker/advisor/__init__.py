@@ -1,0 +1,1 @@
+"""`--benchmark`: measure this machine with the worker's own pipeline and recommend its settings."""
