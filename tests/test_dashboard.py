@@ -133,7 +133,11 @@ def test_in_a_real_browser_the_page_shows_progress_and_survives_a_restart(horde,
     port = _free_port()
     harness = run(dashboard_port=port)
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        # Loopback only: every other host resolves to nothing and any other traffic goes to a closed local port.
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=[
+            "--no-sandbox", "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
+            "--proxy-server=http://127.0.0.1:9", "--proxy-bypass-list=127.0.0.1", "--disable-background-networking",
+            "--disable-component-update", "--no-first-run"])
         try:
             page = browser.new_page()
             page.goto(f"http://127.0.0.1:{port}/")

@@ -4,8 +4,10 @@ The measurement is the worker's own SD1.5 pipeline at 512², 20 steps, one image
 device, and the machine's memory (`advisor/measure.py`). The rules:
 
 - speed: megapixelsteps per second of a single image (5.24 MPS an image);
-- `extra_slow_worker`: below the horde's 0.5 MPS/s it marks a worker slow and aborts its jobs at the normal
-  time limits, so a slower machine must say so (it then gets only requests that allow slow workers);
+- `extra_slow_worker`: on when a 512² job of 50 steps would not finish within 80 % of the horde's shortest time
+  limit (150 s): such a worker's jobs would be aborted. With it the limits triple, and the horde hands the
+  worker only requests whose requester allowed extra-slow workers (below 0.5 MPS/s the horde counts a worker
+  as slow anyway);
 - `max_power`: the largest size whose 30-step job this GPU holds (4 GiB and 1.5 GiB per 512² of image) and
   finishes within 80 % of the horde's usual time limit (30 s + 2 s per step per 512² area, at least 150 s;
   not the tripled limit of extra-slow workers, whose requesters still wait);
@@ -77,7 +79,7 @@ def recommend(measurement: Measurement) -> Recommendation:
     slowest = max(single)
     vram = min((d.vram_bytes or 0) for d in gpus) / GIB if gpus else 0.0
     ram = measurement.ram_bytes / GIB
-    extra_slow = IMAGE_MPS / slowest < SLOW_MPS
+    extra_slow = slowest * 50 / 20 > 0.8 * time_limit(512 * 512, 50, extra_slow=False)
     notes = []
     device_mps = IMAGE_MPS / slowest
     power = POWERS[0]
@@ -96,8 +98,11 @@ def recommend(measurement: Measurement) -> Recommendation:
     baselines = [b for b, (need_vram, need_ram) in NEEDS.items()
                  if (vram >= need_vram if gpus else need_vram == 0) and ram >= need_ram]
     if extra_slow:
-        notes.append(f"{device_mps:.2f} MPS/s is below the horde's {SLOW_MPS}: extra_slow_worker must be on, and "
-                     "the worker then gets only the requests that allow slow workers")
+        notes.append(f"a 512x512 50-step job takes about {slowest * 2.5:.0f} s here, past the horde's 150 s limit: "
+                     "extra_slow_worker must be on (limits tripled; only requests that allow extra-slow workers)")
+    elif device_mps < SLOW_MPS:
+        notes.append(f"{device_mps:.2f} MPS/s: the horde counts this worker as slow and sends it only requests that "
+                     "allow slow workers")
     if not gpus:
         notes.append("no GPU found: the worker runs on the CPU, for trying it rather than serving")
     settings = {
