@@ -63,18 +63,24 @@ def test_baseline_generates_offline_and_reproduces(checkpoints, baseline, v_pred
 
 
 def test_large_and_unsupported_baselines_are_refused_at_start_with_a_reason(tmp_path):
+    import copy
     import json
 
     from horde_worker.models.catalog import plan_catalog
     from horde_worker.models.reference import ModelReference
     from tests.conftest import SHARED_DATA
 
-    reference = ModelReference(json.loads((SHARED_DATA / "stable_diffusion.json").read_text()), "test")
-    plan = plan_catalog(["Stable Cascade 1.0", "Flux.1-Schnell fp8 (Compact)", "SDXL 1.0"], [], tmp_path, reference,
-                        {}, load_large_models=True)
-    assert any("Stable Cascade is not supported" in n for n in plan.notices)
+    entries = json.loads((SHARED_DATA / "stable_diffusion.json").read_text())
+    future = copy.deepcopy(entries["SDXL 1.0"])
+    future.update(name="Some Future Model", baseline="stable_diffusion_9")
+    reference = ModelReference({**entries, "Some Future Model": future}, "test")
+    plan = plan_catalog(["Stable Cascade 1.0", "Flux.1-Schnell fp8 (Compact)", "SDXL 1.0", "Some Future Model"], [],
+                        tmp_path, reference, {}, load_large_models=True)
+    assert any("'stable_diffusion_9' is unknown to this worker" in n for n in plan.notices)
     downloads = [(e.name, t.dest.name) for e, t in plan.to_download]
-    assert downloads == [("Flux.1-Schnell fp8 (Compact)", "flux1CompactCLIPAnd_Flux1SchnellFp8.safetensors"),
+    assert downloads == [("Stable Cascade 1.0", "stable_cascade_stage_b.safetensors"),
+                         ("Stable Cascade 1.0", "stable_cascade_stage_c.safetensors"),
+                         ("Flux.1-Schnell fp8 (Compact)", "flux1CompactCLIPAnd_Flux1SchnellFp8.safetensors"),
                          ("Flux.1-Schnell fp8 (Compact)", "tokenizer.json"),
                          ("SDXL 1.0", "sd_xl_base_1.0.safetensors")]
     without = plan_catalog(["Flux.1-Schnell fp8 (Compact)"], [], tmp_path, reference, {})

@@ -63,6 +63,12 @@ def test_post_processing_overlap_state_and_status_line():
     stats.postprocessed(1.0)
     line = status_line([sampling, post], stats)
     assert "running m1 3/20" in line and "post-processing 1" in line and "2 post-processed (1.5s avg)" in line
+    # Before its first step a job is loading its model, for so many seconds so far: never "0/0".
+    loading = make_job("m3")
+    for state in (JobState.INPUTS_READY, JobState.QUEUED, JobState.RUNNING):
+        loading.advance(state)
+    line = status_line([loading], stats)
+    assert "loading m3 (0s)" in line and "0/0" not in line
     # The horde's kudos multiplier of the running job's baseline is shown beside it.
     assert "running m1 (kudos x12) 3/20" in status_line([sampling], stats, baselines={"m1": "qwen_image"})
     assert "running m1 3/20" in status_line([sampling], stats, baselines={"m1": "stable_diffusion_1"})

@@ -115,9 +115,10 @@ def status_line(jobs: list[Job], s: SessionStats, unusable: list[int] | None = N
         multiplier = kudos_multiplier((baselines or {}).get(running[0].model.lower(), ""),
                                       bool(running[0].pop.payload.hires_fix))
         paid = f" (kudos x{multiplier})" if multiplier > 1 else ""
-        # No step yet: the model is being loaded or the prompt encoded.
+        # No step yet: the model is being loaded or the prompt encoded (for how long so far).
+        since = f" ({time.time() - running[0].started_at:.0f}s)" if running[0].started_at else ""
         current = f" | running {running[0].model}{paid} {step}/{total}" if total else \
-            f" | loading {running[0].model}{paid}"
+            f" | loading {running[0].model}{paid}{since}"
     elif running:
         shown = [f"{j.progress[0]}/{j.progress[1]}" if j.progress[1] else "loading" for j in running[:4]]
         current = f" | running {len(running)} jobs (" + ", ".join(shown) + (", ..." if len(running) > 4 else "") + ")"

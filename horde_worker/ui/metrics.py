@@ -69,10 +69,10 @@ class WorkerCollector(Collector):
             resident.add_metric(labels, len(slot.resident))
         yield device
         yield resident
-        from horde_worker.ui.snapshot import _memory
+        from horde_worker.ui.snapshot import memory
 
         ram = GaugeMetricFamily(f"{PREFIX}_ram_bytes", "RAM of the worker and its slot processes", labels=["worker"])
-        ram.add_metric([worker], _memory().get("worker_rss_bytes", 0))
+        ram.add_metric([worker], memory().get("worker_rss_bytes", 0))
         yield ram
 
 

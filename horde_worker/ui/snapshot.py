@@ -34,7 +34,7 @@ def _job(job, now: float) -> dict[str, Any]:
             "waited_s": round(now - job.popped_at, 1)}
 
 
-def _memory() -> dict[str, int]:
+def memory() -> dict[str, int]:
     """RAM of the worker and its slot processes."""
     try:
         import psutil
@@ -94,7 +94,7 @@ def snapshot(sup) -> dict[str, Any]:
         "delivering": [_job(j, now) for j in jobs if j.state not in (*WAITING, JobState.RUNNING,
                                                                      JobState.POSTPROCESSING)],
         "models": sup.catalog.names(),
-        "memory": _memory(),
+        "memory": memory(),
         "recent": list(stats.recent),
         "history": [{"t": t, "images_per_hour": i, "mps": m, "kudos_per_hour": k} for t, i, m, k in stats.history],
         "messages": list(stats.messages),
