@@ -108,9 +108,14 @@ def run_advisor(args: argparse.Namespace, devices: list[str], config_path: Path)
     advice = recommend(measurement)
     print(report(measurement, advice), flush=True)
     if args.write:
-        changed = write_settings(config_path, advice.settings)
-        logger.info("{}: {} (the previous file is {}.bak)", config_path,
-                    f"set {', '.join(changed)}" if changed else "already had these settings", config_path.name)
+        existed = config_path.exists()
+        try:
+            changed = write_settings(config_path, advice.settings)
+        except ValueError as exc:
+            logger.error(str(exc))
+            return 2
+        logger.info("{}: {}{}", config_path, f"set {', '.join(changed)}" if changed else "already had these settings",
+                    f" (the previous file is {config_path.name}.bak)" if existed else "")
     return 0
 
 

@@ -81,3 +81,14 @@ def test_the_benchmark_command_runs_on_this_cpu_and_writes_the_file(tmp_path):
     written = yaml.safe_load(config.read_text())
     assert {"max_power", "max_batch", "extra_slow_worker", "safety_on_gpu"} <= set(written)
     assert config.read_text().startswith("# kept\n")
+
+
+def test_a_file_it_cannot_rewrite_in_place_is_left_as_it_was(tmp_path):
+    import pytest
+
+    path = tmp_path / "bridgeData.yaml"
+    original = "max_power:\n  8\nqueue_size: 1\n"
+    path.write_text(original)
+    with pytest.raises(ValueError, match="edit the file by hand"):
+        write_settings(path, {"max_power": 32})
+    assert path.read_text() == original and not (tmp_path / "bridgeData.yaml.bak").exists()

@@ -100,6 +100,8 @@ def test_the_schedules_are_the_references():
     assert cascade_run.sigma_at(0.5, 2.0) == pytest.approx(2 * middle, rel=1e-9)
     assert cascade_run.timestep_ratio(middle) == pytest.approx(0.5, abs=1e-9)
     assert cascade_run.stage_steps(20) == (13, 7) and cascade_run.stage_steps(30) == (20, 10)
+    longer = cascade_run.schedule(cascade.PRIOR_SHIFT, 14, karras=False)[1]
+    assert cascade_run.schedule(cascade.PRIOR_SHIFT, 13, False, drop_penultimate=True)[1] == longer[:-2] + [0.0]
     _, karras = cascade_run.schedule(cascade.PRIOR_SHIFT, 13, karras=True)
     assert karras[0] == pytest.approx(prior_table.sigma_max, rel=1e-5)
     assert karras[-2] == pytest.approx(prior_table.sigma_min, rel=1e-5)
@@ -171,3 +173,15 @@ def test_remix_conditions_stage_c_on_its_source_images_and_refusals_are_clear(mo
         generate_images(model, job_request(**{**fields, "sampler_name": "dpmsolver"}))
     karras = generate_images(model, job_request(karras=True, **fields))[0]
     assert np.abs(karras.astype(int) - generate_images(model, job_request(**fields))[0]).mean() > 0.5
+
+
+def test_bf16_stages_embed_their_timestep_from_float32(manifest):
+    from diffusers import StableCascadeUNet
+
+    unet = cascade.build_unet(load_state_dict(manifest.parent / PARTS["stable_cascade_stage_c"]), torch.bfloat16)
+    ratio = torch.tensor([0.9973])
+    got = unet.get_timestep_ratio_embedding(ratio)
+    assert got.dtype == torch.bfloat16
+    exact = StableCascadeUNet.get_timestep_ratio_embedding(unet, ratio.double()).float()
+    coarse = StableCascadeUNet.get_timestep_ratio_embedding(unet, ratio.to(torch.bfloat16)).float()
+    assert (got.float() - exact).abs().max() < 0.01 < (coarse - exact).abs().max()

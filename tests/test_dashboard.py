@@ -5,6 +5,7 @@ browser the page shows a job's progress moving and comes back after the worker r
 from __future__ import annotations
 
 import contextlib
+import json
 import shutil
 import socket
 
@@ -79,6 +80,7 @@ def test_state_and_metrics_follow_served_and_faulted_jobs(horde, run):
     assert running["eta_s"] is not None and 0 <= running["eta_s"] < 10
     state = requests.get(_url(harness, "/api/state"), timeout=5).json()
     assert state["settings"]["api_key"] == "(set)" and state["worker"]["name"] == "harness-worker"
+    assert "horde_url" in state["settings"] and "@" not in json.dumps(state["settings"])
     wait_for(lambda: answered(horde, served), 60, "the served job", 0.1)
     faulted = post(horde, "please raise")
     wait_for(lambda: answered(horde, faulted), 60, "the faulted job", 0.1)
@@ -103,6 +105,9 @@ def test_state_and_metrics_follow_served_and_faulted_jobs(horde, run):
     assert metrics[("horde_worker_model_switches_total", (worker,))] >= 0
     health = requests.get(_url(harness, "/healthz"), timeout=5)
     assert health.status_code == 200 and health.json()["jobs_done"] == 1
+    # On loopback it answers for this machine's names only (a rebound DNS name is refused).
+    assert requests.get(_url(harness, "/api/state"), headers={"Host": "evil.example"}, timeout=5).status_code == 403
+    assert requests.get(_url(harness, "/api/state"), headers={"Host": "localhost:1"}, timeout=5).status_code == 200
     assert harness.stop() == 0
 
 
@@ -156,3 +161,15 @@ def test_in_a_real_browser_the_page_shows_progress_and_survives_a_restart(horde,
             assert again.supervisor.dashboard.bound_port == port
         finally:
             browser.close()
+
+
+def test_the_settings_shown_hide_secrets_unknown_keys_and_url_credentials():
+    from horde_worker.config.bridge_data import BridgeData
+    from horde_worker.ui.snapshot import settings_in_effect
+
+    settings = BridgeData.model_validate({"api_key": "A" * 22, "civitai_api_token": "tok", "hf_token": "HFSECRET",
+                                          "download_mirror": "https://user:pw@mirror.lan:8080/files/"})
+    shown = settings_in_effect(settings)
+    assert shown["api_key"] == "(set)" and shown["civitai_api_token"] == "(set)"
+    assert "hf_token" not in shown and shown["download_mirror"] == "https://mirror.lan:8080/files/"
+    assert "HFSECRET" not in json.dumps(shown) and "pw" not in json.dumps(shown)

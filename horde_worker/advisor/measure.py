@@ -24,11 +24,12 @@ def _device_figures(device_name: str, checkpoint: Path) -> DeviceFigures:
     from horde_worker.inference.generate import generate_images
     from horde_worker.inference.messages import GenerateRequest
     from horde_worker.inference.pipelines import load_pipeline
+    from horde_worker.inference.runner import resolve_device
 
-    device = torch.device(device_name)
-    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    device = resolve_device(device_name)
+    dtype = torch.float32 if device.type == "cpu" else torch.float16
     model = load_pipeline(checkpoint, device, dtype, name="advisor-sd15")
-    size = 512 if device.type == "cuda" else 256
+    size = 256 if device.type == "cpu" else 512
     scale = (512 * 512) / (size * size)
     seconds: dict[int, float] = {}
     for batch in BATCHES:
@@ -48,8 +49,10 @@ def _device_figures(device_name: str, checkpoint: Path) -> DeviceFigures:
     if device.type == "cuda":
         properties = torch.cuda.get_device_properties(device)
         name, vram = properties.name, int(properties.total_memory)
-    else:
+    elif device.type == "cpu":
         name, vram = "CPU", None
+    else:  # DirectML tells no memory size: taken as an 8 GiB card
+        name, vram = device_name, 8 * 2**30
     return DeviceFigures(device_name, name, vram, seconds)
 
 

@@ -13,8 +13,8 @@ device, and the machine's memory (`advisor/measure.py`). The rules:
   not the tripled limit of extra-slow workers, whose requesters still wait);
 - `max_batch`: batches only when a batch of four made each image at least 10 % faster, as many as the card holds
   (3 GiB per image at 512² on top of the model);
-- `max_threads` 2 and `queue_size` 2 on cards of 20 GiB and more and fast machines (one job samples while the next
-  loads and the last is delivered); `safety_on_gpu` and `post_process_job_overlap` from 12 GiB;
+- `queue_size` 2 on fast machines (3 MPS/s and more: the next job is in hand when one ends), `max_threads` 2 when such
+  a machine also has 20 GiB or more; `safety_on_gpu` and `post_process_job_overlap` from 12 GiB;
 - baselines by VRAM and RAM (SD1.5/SD2 everywhere, SDXL 8 GiB, Flux and Cascade 12 GiB, Z-Image 16 GiB,
   Qwen-Image 24 GiB; RAM at least their weights while loading);
 - kudos per hour: the horde's reward of a 512² 20-step image (about 2.33 + 0.66 per MPS) at the measured pace.

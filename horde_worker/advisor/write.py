@@ -18,9 +18,7 @@ def write_settings(path: Path, settings: dict[str, Any]) -> list[str]:
     """Set each top-level key in `path` (a copy of the old file is kept beside it as .bak); keys the file lacks
     are added at its end. Returns the keys changed or added."""
     path = Path(path)
-    lines = path.read_text().splitlines() if path.exists() else []
-    if path.exists():
-        shutil.copy2(path, path.with_suffix(path.suffix + ".bak"))
+    lines = path.read_text(encoding="utf-8").splitlines() if path.exists() else []
     changed = []
     for key, value in settings.items():
         pattern = re.compile(rf"^({re.escape(key)}:[ \t]*)([^#\n]*?)([ \t]*#.*)?$")
@@ -34,6 +32,17 @@ def write_settings(path: Path, settings: dict[str, Any]) -> list[str]:
         else:
             lines.append(f"{key}: {_value(value)}  # set by --benchmark")
             changed.append(key)
-    path.write_text("\n".join(lines) + "\n")
-    yaml.safe_load(path.read_text())  # still valid YAML
+    text = "\n".join(lines) + "\n"
+    try:
+        written = yaml.safe_load(text)  # checked before anything is written
+    except yaml.YAMLError:
+        written = None
+    if not isinstance(written, dict) or any(written.get(k) != v for k, v in settings.items()):
+        raise ValueError(f"{path}: the settings could not be written in place (a value on its own line?); edit "
+                         "the file by hand")
+    if path.exists():
+        shutil.copy2(path, path.with_suffix(path.suffix + ".bak"))
+    temporary = path.with_suffix(path.suffix + ".tmp")
+    temporary.write_text(text, encoding="utf-8")
+    temporary.replace(path)
     return changed

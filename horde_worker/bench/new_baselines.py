@@ -137,6 +137,8 @@ def full_size_cascade(device, folder: Path):
             image_size=224, hidden_act="quick_gelu", projection_dim=768)).to(torch.bfloat16)
         vqgan = PaellaVQModel(scale_factor=cascade.STAGE_A_SCALE).to(torch.bfloat16)
     _randomised(prior, decoder, text_encoder, image_encoder, vqgan)
+    for unet in (prior, decoder):
+        cascade.embed_timesteps_in_float32(unet)
     return cascade.pipeline_class()(prior=prior, decoder=decoder, text_encoder=text_encoder,
                                     tokenizer=clip_tokenizer(), vqgan=vqgan, scheduler=DDPMWuerstchenScheduler(),
                                     image_encoder=image_encoder)

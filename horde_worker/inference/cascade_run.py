@@ -39,9 +39,13 @@ def sigma_at(t: float, shift: float) -> float:
     return math.sqrt((1 - alpha) / alpha)
 
 
-def schedule(shift: float, steps: int, karras: bool) -> tuple[ModelSigmas, list[float]]:
+def schedule(shift: float, steps: int, karras: bool, drop_penultimate: bool = False) -> tuple[ModelSigmas, list[float]]:
     """(the stage's levels, the sigmas a job runs): "normal" spaces the timesteps evenly between those of the
-    table's ends, "karras" (`karras: true`) ramps between the ends; then 0."""
+    table's ends, "karras" (`karras: true`) ramps between the ends; then 0. The dpm_2 samplers build one sigma
+    more and drop the next-to-last (as for every baseline)."""
+    if drop_penultimate:
+        table, sigmas = schedule(shift, steps + 1, karras)
+        return table, sigmas[:-2] + sigmas[-1:]
     table = model_sigmas(shift)
     if karras:
         return table, karras_sigmas(table.sigma_min, table.sigma_max, steps)
@@ -180,7 +184,7 @@ def run(model, request, on_step=None) -> list[np.ndarray]:
 
         def prior_denoise(x: torch.Tensor, sigma: float) -> torch.Tensor:
             inputs = (x / math.sqrt(sigma * sigma + 1)).to(dtype)
-            ratio = torch.full((count,), timestep_ratio(sigma), device=device, dtype=dtype)
+            ratio = torch.full((count,), timestep_ratio(sigma), device=device)  # float32 (see cascade.py)
             conditions = [(text, pooled, image)] + ([(negative_text, negative_pooled, empty_image)] if guided else [])
             eps = prior_eps(inputs, ratio, conditions)
             if guided:
@@ -189,7 +193,7 @@ def run(model, request, on_step=None) -> list[np.ndarray]:
 
         shape = (count, prior.config.in_channels, request.height // cascade.COMPRESSION,
                  request.width // cascade.COMPRESSION)
-        table, sigmas = schedule(cascade.PRIOR_SHIFT, prior_steps, request.karras)
+        table, sigmas = schedule(cascade.PRIOR_SHIFT, prior_steps, request.karras, spec.drop_penultimate)
         x = start_noise(seeds, shape).to(device) * start_noise_scale(table, sigmas)
         evaluations = len(ksamplers.evaluation_sigmas(spec.algorithm, sigmas))
         prior_latent = sample(prior_denoise, x, sigmas, spec.algorithm, seeds,
@@ -200,13 +204,13 @@ def run(model, request, on_step=None) -> list[np.ndarray]:
 
         def decoder_denoise(x: torch.Tensor, sigma: float) -> torch.Tensor:
             inputs = (x / math.sqrt(sigma * sigma + 1)).to(dtype)
-            ratio = torch.full((count,), timestep_ratio(sigma), device=device, dtype=dtype)
+            ratio = torch.full((count,), timestep_ratio(sigma), device=device)
             eps = decoder(inputs, ratio, clip_text_pooled=zero_pooled, effnet=effnet, return_dict=False)[0].float()
             return x - sigma * eps
 
         shape = (count, decoder.config.in_channels, request.height // cascade.STAGE_B_COMPRESSION,
                  request.width // cascade.STAGE_B_COMPRESSION)
-        table, sigmas = schedule(1.0, decoder_steps, request.karras)
+        table, sigmas = schedule(1.0, decoder_steps, request.karras, spec.drop_penultimate)
         x = start_noise(seeds, shape).to(device) * start_noise_scale(table, sigmas)
         evaluations = len(ksamplers.evaluation_sigmas(spec.algorithm, sigmas))
         latent = sample(decoder_denoise, x, sigmas, spec.algorithm, seeds, ticker("decoder", decoder_steps, evaluations))

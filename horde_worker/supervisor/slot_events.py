@@ -98,7 +98,7 @@ class SlotEvents:
         if message.postprocess_seconds:
             self.sup.stats.postprocessed(message.postprocess_seconds)
         if request_steps := job.pop.payload.ddim_steps:
-            self.sup.stats.step_seconds.append(message.sample_seconds / request_steps)
+            self.sup.stats.step_time(message.sample_seconds / request_steps)
         if message.load_source != "resident":
             self.sup.stats.model_switches += 1
             logger.info("model switch to {}: from {} in {:.2f}s", job.model, message.load_source,

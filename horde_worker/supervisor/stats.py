@@ -11,6 +11,7 @@ from horde_worker.models.reference import kudos_multiplier
 from horde_worker.supervisor.job import Job, JobState
 
 RECENT_JOBS = 50
+STEP_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)  # seconds per step, for /metrics
 STEP_SAMPLES = 2000
 MESSAGES = 20
 HISTORY_POINTS = 720  # at one point per 10 s: the last two hours
@@ -44,7 +45,11 @@ class SessionStats:
     upload_failures: int = 0
     submit_retries: int = 0
     safety_verdicts: dict[str, int] = field(default_factory=dict)  # "ok", or why an image was censored
-    step_seconds: deque = field(default_factory=lambda: deque(maxlen=STEP_SAMPLES))
+    step_seconds: deque = field(default_factory=lambda: deque(maxlen=STEP_SAMPLES))  # the last ones, for means
+    # Every step time of the session, as Prometheus histogram counts (cumulative: they never go down).
+    step_buckets: list[int] = field(default_factory=lambda: [0] * len(STEP_BUCKETS))
+    step_count: int = 0
+    step_sum: float = 0.0
     messages: deque = field(default_factory=lambda: deque(maxlen=MESSAGES))
     history: deque = field(default_factory=lambda: deque(maxlen=HISTORY_POINTS))
 
@@ -59,6 +64,15 @@ class SessionStats:
     def postprocessed(self, seconds: float) -> None:
         self.postprocessed_jobs += 1
         self.postprocess_seconds += seconds
+
+    def step_time(self, seconds: float) -> None:
+        """One job's seconds per sampling step."""
+        self.step_seconds.append(seconds)
+        self.step_count += 1
+        self.step_sum += seconds
+        for index, bound in enumerate(STEP_BUCKETS):
+            if seconds <= bound:
+                self.step_buckets[index] += 1
 
     def finished(self, job: Job, outcome: str) -> None:
         """A job leaves the worker: `outcome` is done, faulted or abandoned."""
@@ -75,7 +89,7 @@ class SessionStats:
             self.messages.appendleft({"kind": kind, "text": text, "way_out": way_out, "at": time.time()})
 
     def sample_rates(self) -> None:
-        """One point of the charts: images/hour, megapixelsteps/s and kudos/hour now."""
+        """One point of the charts: the session's images/hour, megapixelsteps/s and kudos/hour so far."""
         self.history.append((time.time(), round(self.images_per_hour, 2), round(self.megapixelsteps_per_second, 4),
                              round(self.kudos_per_hour, 2)))
 

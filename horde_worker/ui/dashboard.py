@@ -17,6 +17,7 @@ from loguru import logger
 
 PAGE = Path(__file__).parent / "assets" / "dashboard.html"
 EVENT_INTERVAL = 1.0
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
 class Dashboard:
@@ -35,7 +36,16 @@ class Dashboard:
         from horde_worker.ui.snapshot import snapshot
 
         registry = registry_for(self.sup)
-        page = PAGE.read_text()
+        page = PAGE.read_text(encoding="utf-8")
+        loopback = self.host in LOOPBACK_HOSTS
+
+        @web.middleware
+        async def same_host_only(request, handler):
+            # Listening on loopback, only pages of this machine may read it: a web page whose name was made to
+            # point at 127.0.0.1 (DNS rebinding) sends its own name as Host, and is refused.
+            if loopback and (request.host or "").rsplit(":", 1)[0].strip("[]") not in LOOPBACK_HOSTS:
+                return web.Response(status=403, text="the dashboard answers requests for this machine only")
+            return await handler(request)
 
         async def index(_request):
             return web.Response(text=page, content_type="text/html")
@@ -58,11 +68,11 @@ class Dashboard:
                 while True:
                     await response.write(f"data: {json.dumps(snapshot(self.sup))}\n\n".encode())
                     await asyncio.sleep(EVENT_INTERVAL)
-            except (ConnectionResetError, asyncio.CancelledError):
+            except ConnectionResetError:  # the page went away
                 pass
             return response
 
-        app = web.Application()
+        app = web.Application(middlewares=[same_host_only])
         app.add_routes([web.get("/", index), web.get("/api/state", state), web.get("/metrics", metrics),
                         web.get("/healthz", health), web.get("/events", events)])
         return app

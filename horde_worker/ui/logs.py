@@ -40,10 +40,13 @@ class _ToLoguru(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            level = logger.level(record.levelname).name
-        except ValueError:
-            level = record.levelno
-        logger.bind(third_party=True).log(level, "{}: {}", record.name, record.getMessage())
+            try:
+                level = logger.level(record.levelname).name
+            except ValueError:
+                level = record.levelno
+            logger.bind(third_party=True).log(level, "{}: {}", record.name, record.getMessage())
+        except Exception:  # a library's malformed record must not raise into the library
+            self.handleError(record)
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:

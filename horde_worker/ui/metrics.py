@@ -1,7 +1,7 @@
 """Prometheus metrics of one worker (`/metrics` on the dashboard's server), read from the supervisor at each scrape.
 
-Counters are the session's totals (they start at 0 with the process, as Prometheus expects of a counter); the
-step-time histogram is built from the per-step seconds of the last jobs.
+Counters are the session's totals (they start at 0 with the process, as Prometheus expects of a counter), the
+step-time histogram's counts too.
 """
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from horde_worker.supervisor.job import JobState
+from horde_worker.supervisor.stats import STEP_BUCKETS
 
-STEP_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 PREFIX = "horde_worker"
 
 
@@ -44,11 +44,10 @@ class WorkerCollector(Collector):
         for verdict, count in sorted(stats.safety_verdicts.items()):
             verdicts.add_metric([worker, verdict], count)
         yield verdicts
-        steps = list(stats.step_seconds)
-        buckets = [(str(bound), sum(1 for s in steps if s <= bound)) for bound in STEP_BUCKETS]
-        histogram = HistogramMetricFamily(f"{PREFIX}_step_seconds", "Seconds per sampling step of recent jobs",
+        buckets = [(str(bound), count) for bound, count in zip(STEP_BUCKETS, stats.step_buckets, strict=True)]
+        histogram = HistogramMetricFamily(f"{PREFIX}_step_seconds", "Seconds per sampling step of each job",
                                           labels=["worker"])
-        histogram.add_metric([worker], buckets + [("+Inf", len(steps))], sum_value=sum(steps))
+        histogram.add_metric([worker], buckets + [("+Inf", stats.step_count)], sum_value=stats.step_sum)
         yield histogram
         queue = GaugeMetricFamily(f"{PREFIX}_queue_jobs", "Jobs in hand, by state", labels=["worker", "state"])
         for state in JobState:

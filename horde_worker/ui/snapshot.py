@@ -5,14 +5,16 @@ resident models, totals and rates over time, recent jobs with their outcome, the
 from __future__ import annotations
 
 import os
+import re
 import time
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from horde_worker import BRIDGE_AGENT
 from horde_worker.supervisor.job import JobState
 
 WAITING = (JobState.POPPED, JobState.INPUTS_READY, JobState.QUEUED)
-HIDDEN_SETTINGS = ("api_key", "civitai_api_token")
+SECRET_NAME = re.compile(r"key|token|secret|passw", re.IGNORECASE)
 
 
 def _eta(job, now: float) -> float | None:
@@ -52,13 +54,24 @@ def memory() -> dict[str, int]:
         return {}
 
 
+def _without_credentials(value: Any) -> Any:
+    """A URL without a user:password part."""
+    if isinstance(value, str) and "@" in value and "://" in value:
+        parts = urlsplit(value)
+        if parts.username or parts.password:
+            return urlunsplit(parts._replace(netloc=parts.hostname + (f":{parts.port}" if parts.port else "")))
+    return value
+
+
 def settings_in_effect(settings) -> dict[str, Any]:
-    """The settings, secrets hidden."""
+    """The declared settings (keys the file has but the worker does not know are left out), secrets hidden:
+    any key named like one (key, token, secret, password) and credentials written into URLs."""
     values = settings.model_dump(mode="json")
-    for key in HIDDEN_SETTINGS:
-        if values.get(key):
-            values[key] = "(set)"
-    return values
+    shown = {}
+    for key in type(settings).model_fields:
+        value = values.get(key)
+        shown[key] = ("(set)" if value else "") if SECRET_NAME.search(key) else _without_credentials(value)
+    return shown
 
 
 def snapshot(sup) -> dict[str, Any]:
