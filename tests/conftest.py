@@ -63,6 +63,35 @@ def tiny_checkpoint(model_cache) -> Path:
     return model_cache / "compvis" / "horde-worker-tiny-sd15.safetensors"
 
 
+@pytest.fixture(scope="module")
+def safety(model_cache, tmp_path_factory):
+    """A real safety process on the tiny clean CLIP, for in-process supervisors (tests/supervisor_harness.py)."""
+    from horde_worker.supervisor.safety_client import SafetyClient
+
+    client = SafetyClient(model_cache / "clip" / "tiny-clip-clean.safetensors", "cpu",
+                          str(tmp_path_factory.mktemp("safety-logs")))
+    client.start()
+    yield client
+    client.stop()
+
+
+@pytest.fixture
+def horde() -> Iterator[LocalHorde]:
+    """The local horde serving the demo model, sweeping expired jobs twice a second, 60 s time limits."""
+    server = LocalHorde([DEMO_MODEL_NAME], options=ServerOptions(sweep_interval=0.5), fixed_ttl=60).start()
+    yield server
+    server.stop()
+
+
+def png_bytes(image) -> bytes:
+    """A PIL image as PNG bytes (a job's source image or mask)."""
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 @pytest.fixture
 def local_horde() -> Iterator[LocalHorde]:
     horde = LocalHorde([DEMO_MODEL_NAME], options=ServerOptions(sweep_interval=1.0)).start()

@@ -5,7 +5,6 @@ source images; what the baseline cannot do is refused."""
 
 from __future__ import annotations
 
-import io
 import math
 
 import numpy as np
@@ -18,7 +17,7 @@ from horde_worker.inference.checkpoint import load_state_dict
 from horde_worker.inference.generate import UnsupportedJob, UnsupportedSampler, generate_images
 from horde_worker.inference.pipelines import load_pipeline
 from horde_worker.inference.tiny_cascade import PARTS, stability_from_unet, tiny_cascade_components, write_tiny_cascade
-from tests.conftest import job_request
+from tests.conftest import job_request, png_bytes
 
 CASCADE = dict(baseline="stable_cascade", width=128, height=128, steps=20, cfg_scale=4.0, sampler_name="k_euler_a")
 
@@ -142,33 +141,27 @@ def test_txt2img_runs_both_stages_reproducibly_and_prompt_and_cfg_condition_stag
     assert np.abs(other[0].astype(int) - first[0]).mean() > 0 and np.abs(unguided[0].astype(int) - first[0]).mean() > 0
 
 
-def _png(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 def test_remix_conditions_stage_c_on_its_source_images_and_refusals_are_clear(model, monkeypatch):
     seen = _stage_latents(monkeypatch)
     red, blue = Image.new("RGB", (96, 64), (220, 20, 20)), Image.new("RGB", (64, 64), (20, 20, 220))
     fields = dict(CASCADE, seeds=[3])
     generate_images(model, job_request(**fields))
     plain = seen[-2]
-    remixed = generate_images(model, job_request(source_image=_png(red), source_processing="remix", **fields))
+    remixed = generate_images(model, job_request(source_image=png_bytes(red), source_processing="remix", **fields))
     with_red = seen[-2]
-    generate_images(model, job_request(source_image=_png(red), source_processing="remix",
-                                       extra_images=[(_png(blue), 0.8)], **fields))
+    generate_images(model, job_request(source_image=png_bytes(red), source_processing="remix",
+                                       extra_images=[(png_bytes(blue), 0.8)], **fields))
     with_blue = seen[-2]
     assert remixed[0].shape == (128, 128, 3)
     # Four image tokens among 85 of a random prior: a small but certain change (none would give exactly 0).
     assert (with_red - plain).norm() / plain.norm() > 0.002 and (with_blue - with_red).norm() / plain.norm() > 0.002
-    generate_images(model, job_request(source_image=_png(red), source_processing="remix",
-                                       extra_images=[(_png(blue), 0.0)], **fields))
+    generate_images(model, job_request(source_image=png_bytes(red), source_processing="remix",
+                                       extra_images=[(png_bytes(blue), 0.0)], **fields))
     assert not torch.equal(seen[-2], with_blue)  # the strength reaches the conditioning
     with pytest.raises(UnsupportedJob, match="img2img is not available for Stable Cascade"):
-        generate_images(model, job_request(source_image=_png(red), **fields))
+        generate_images(model, job_request(source_image=png_bytes(red), **fields))
     with pytest.raises(UnsupportedJob, match="ControlNet"):
-        generate_images(model, job_request(source_image=_png(red), control_type="canny", **fields))
+        generate_images(model, job_request(source_image=png_bytes(red), control_type="canny", **fields))
     with pytest.raises(UnsupportedSampler, match="not available for Stable Cascade"):
         generate_images(model, job_request(**{**fields, "sampler_name": "dpmsolver"}))
     karras = generate_images(model, job_request(karras=True, **fields))[0]

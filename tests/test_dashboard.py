@@ -13,30 +13,11 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from horde_worker.localhorde import LocalHorde, ServerOptions
 from horde_worker.supervisor.job import JobState
 from tests.conftest import wait_for
 from tests.supervisor_harness import RunningSupervisor, answered, post
 
 MODEL = "horde-worker-tiny-sd15"
-
-
-@pytest.fixture(scope="module")
-def safety(model_cache, tmp_path_factory):
-    from horde_worker.supervisor.safety_client import SafetyClient
-
-    client = SafetyClient(model_cache / "clip" / "tiny-clip-clean.safetensors", "cpu",
-                          str(tmp_path_factory.mktemp("safety-logs")))
-    client.start()
-    yield client
-    client.stop()
-
-
-@pytest.fixture
-def horde():
-    server = LocalHorde([MODEL], options=ServerOptions(sweep_interval=0.5), fixed_ttl=60).start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture

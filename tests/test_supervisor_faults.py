@@ -19,24 +19,6 @@ from tests.supervisor_harness import RunningSupervisor, answered, generations, m
 MODEL = "horde-worker-tiny-sd15"
 
 
-@pytest.fixture(scope="module")
-def safety(model_cache, tmp_path_factory):
-    from horde_worker.supervisor.safety_client import SafetyClient
-
-    client = SafetyClient(model_cache / "clip" / "tiny-clip-clean.safetensors", "cpu",
-                          str(tmp_path_factory.mktemp("safety-logs")))
-    client.start()
-    yield client
-    client.stop()
-
-
-@pytest.fixture
-def horde():
-    server = LocalHorde([MODEL], options=ServerOptions(sweep_interval=0.5), fixed_ttl=60).start()
-    yield server
-    server.stop()
-
-
 @pytest.fixture
 def run(tmp_path, horde, safety):
     started: list[RunningSupervisor] = []

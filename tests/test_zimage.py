@@ -4,8 +4,6 @@ size (txt2img and img2img) with the reference's schedule; what the baseline cann
 
 from __future__ import annotations
 
-import io
-
 import numpy as np
 import pytest
 import torch
@@ -16,7 +14,7 @@ from horde_worker.inference.checkpoint import load_state_dict
 from horde_worker.inference.generate import UnsupportedJob, generate_images
 from horde_worker.inference.pipelines import load_pipeline
 from horde_worker.inference.tiny_zimage import PARTS, tiny_zimage_components, write_tiny_zimage
-from tests.conftest import job_request
+from tests.conftest import job_request, png_bytes
 
 
 @pytest.fixture(scope="module")
@@ -85,27 +83,21 @@ def test_txt2img_makes_the_requested_size_and_each_seed_reproduces(model):
     assert np.abs(other[0].astype(int) - first[0]).mean() > 0.5  # the prompt reaches the image
 
 
-def _png(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 def test_img2img_starts_from_the_source_and_refusals_are_clear(model):
     source = Image.new("RGB", (64, 64), (200, 30, 30))
     fields = dict(baseline="z_image_turbo", width=64, height=64, steps=3, cfg_scale=1.0, seeds=[2])
-    light = generate_images(model, job_request(source_image=_png(source), denoising_strength=0.2, **fields))[0]
-    strong = generate_images(model, job_request(source_image=_png(source), denoising_strength=1.0, **fields))[0]
+    light = generate_images(model, job_request(source_image=png_bytes(source), denoising_strength=0.2, **fields))[0]
+    strong = generate_images(model, job_request(source_image=png_bytes(source), denoising_strength=1.0, **fields))[0]
     red = np.array([200, 30, 30])
     assert np.abs(light.astype(int) - red).mean() < np.abs(strong.astype(int) - red).mean()
-    again = generate_images(model, job_request(source_image=_png(source), denoising_strength=0.2, **fields))[0]
+    again = generate_images(model, job_request(source_image=png_bytes(source), denoising_strength=0.2, **fields))[0]
     assert np.array_equal(light, again)
     mask = Image.new("L", (64, 64), 255)
     with pytest.raises(UnsupportedJob, match="inpainting"):
-        generate_images(model, job_request(source_image=_png(source), source_mask=_png(mask),
+        generate_images(model, job_request(source_image=png_bytes(source), source_mask=png_bytes(mask),
                                            source_processing="inpainting", **fields))
     with pytest.raises(UnsupportedJob, match="ControlNet"):
-        generate_images(model, job_request(source_image=_png(source), control_type="canny", **fields))
+        generate_images(model, job_request(source_image=png_bytes(source), control_type="canny", **fields))
     with pytest.raises(Exception, match="k_euler only"):
         generate_images(model, job_request(**{**fields, "sampler_name": "k_dpmpp_2m"}))
 

@@ -220,7 +220,7 @@ def measure(baseline: str, device_name: str, full_size: bool, images: int) -> di
     request = GenerateRequest(job_id="b", model_name=baseline, model_path="", baseline=baseline, prompt=PROMPT,
                               negative_prompt="", width=size, height=size, steps=STEPS[baseline],
                               cfg_scale=CFG[baseline], sampler_name="k_euler", karras=False, seeds=[1])
-    runner = importlib.import_module(SPLIT_RUNNERS[baseline][0]).run
+    runner = importlib.import_module(SPLIT_RUNNERS[baseline]).run
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     def worker() -> None:

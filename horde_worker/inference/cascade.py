@@ -212,12 +212,9 @@ def build_pipeline(manifest: Path, dtype: torch.dtype):
 
     from horde_worker.inference.checkpoint import load_state_dict
     from horde_worker.inference.pipelines import clip_tokenizer
-    from horde_worker.inference.zimage import read_manifest
+    from horde_worker.models.manifest import read_manifest
 
-    _, parts = read_manifest(manifest)
-    for kind in ("stable_cascade_stage_c", "stable_cascade_stage_b"):
-        if kind not in parts:
-            raise CheckpointError(f"{manifest}: no {kind} part")
+    _, parts = read_manifest(manifest, required=("stable_cascade_stage_c", "stable_cascade_stage_b"))
     stage_c = load_state_dict(parts["stable_cascade_stage_c"][0])
     prior = build_unet(stage_c, dtype)
     text_encoder = build_text_encoder(stage_c, dtype)

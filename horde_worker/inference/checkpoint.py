@@ -322,3 +322,27 @@ def _load_exact(module: torch.nn.Module, weights: dict[str, torch.Tensor], what:
         raise CheckpointError(f"{what} weights missing from the checkpoint: {missing[:5]} ({len(missing)} in all)")
     if unexpected:
         raise CheckpointError(f"{what}: tensors the architecture does not have: {unexpected[:5]}")
+
+
+def downloaded_tokenizer(folder: Path, files: tuple[str, ...], what: str, with_chat_template: bool = False):
+    """A fast tokenizer from `tokenizer.json` and `tokenizer_config.json` in `folder` (the Qwen-family tokenizers
+    the worker downloads beside a text encoder): its end and pad tokens from the config, padded on the right,
+    with the config's chat template when `with_chat_template`."""
+    import json
+
+    from transformers import PreTrainedTokenizerFast
+
+    folder = Path(folder)
+    missing = [name for name in files if not (folder / name).exists()]
+    if missing:
+        raise CheckpointError(f"{what} needs its tokenizer's {', '.join(missing)} in {folder}; the worker downloads "
+                              "them with the model")
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    extra = {}
+    if with_chat_template:
+        if not config.get("chat_template"):
+            raise CheckpointError(f"{folder}/tokenizer_config.json has no chat_template")
+        extra["chat_template"] = config["chat_template"]
+    return PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"),
+                                   eos_token=config.get("eos_token") or "<|im_end|>",
+                                   pad_token=config.get("pad_token") or "<|endoftext|>", padding_side="right", **extra)

@@ -53,10 +53,9 @@ def img2img_steps(steps: int, strength: float) -> int:
     return total
 
 
-# Baselines with a pipeline module of their own (its `run(model, request, on_step)`), and how they are named.
-SPLIT_RUNNERS = {"z_image_turbo": ("horde_worker.inference.zimage", "Z-Image"),
-                 "qwen_image": ("horde_worker.inference.qwen_image", "Qwen-Image"),
-                 "stable_cascade": ("horde_worker.inference.cascade_run", "Stable Cascade")}
+# Baselines with a pipeline module of their own (its `run(model, request, on_step)`).
+SPLIT_RUNNERS = {"z_image_turbo": "horde_worker.inference.zimage", "qwen_image": "horde_worker.inference.qwen_image",
+                 "stable_cascade": "horde_worker.inference.cascade_run"}
 
 
 def run_job(model, request: GenerateRequest, on_step: Callable[[int, int], None] | None = None) -> JobOutput:
@@ -69,10 +68,13 @@ def run_job(model, request: GenerateRequest, on_step: Callable[[int, int], None]
         refusal = sampler_refusal(request.sampler_name, model.baseline)
         if refusal is not None:
             raise UnsupportedSampler(refusal)
-        module, name = SPLIT_RUNNERS[model.baseline]
-        if request.loras or request.tis:
-            raise UnsupportedJob(f"LoRAs and textual inversions are not available for {name} models")
-        return JobOutput(images=importlib.import_module(module).run(model, request, on_step), notes=[])
+        from horde_worker.models.reference import BASELINE_NAMES, WITHOUT_ADAPTERS
+
+        if model.baseline in WITHOUT_ADAPTERS and (request.loras or request.tis):
+            raise UnsupportedJob(f"LoRAs and textual inversions are not available for {BASELINE_NAMES[model.baseline]} "
+                                 "models")
+        return JobOutput(images=importlib.import_module(SPLIT_RUNNERS[model.baseline]).run(model, request, on_step),
+                         notes=[])
     if request.tiling and model.baseline == "flux_1":
         raise UnsupportedJob("tiling is not available for Flux models (no convolutions to wrap)")
     refusal = sampler_refusal(request.sampler_name, model.baseline)

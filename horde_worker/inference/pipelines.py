@@ -15,6 +15,7 @@ import torch
 from horde_worker.inference import checkpoint
 from horde_worker.inference.fit import FittedModel
 from horde_worker.inference.samplers import scheduler_config
+from horde_worker.models.manifest import SUFFIX as MANIFEST_SUFFIX
 
 TOKENIZER_DIR = Path(__file__).parent / "assets" / "clip_tokenizer"
 
@@ -62,7 +63,7 @@ def load_pipeline(path: Path, device: torch.device, dtype: torch.dtype, name: st
     fp8 = False
     if path.is_dir():
         pipe, baseline = _load_folder(path)
-    elif path.name.endswith(SPLIT_MANIFEST_SUFFIX):
+    elif path.name.endswith(MANIFEST_SUFFIX):  # a split model: its parts are separate files
         pipe, baseline, fp8 = _load_split(path, dtype)
     else:
         pipe, baseline, fp8 = _load_single_file(path, v_prediction, dtype)
@@ -88,19 +89,19 @@ def load_pipeline(path: Path, device: torch.device, dtype: torch.dtype, name: st
                        load_seconds=time.perf_counter() - start, scheduler_config=dict(pipe.scheduler.config))
 
 
-# A split model's manifest (models/catalog.py writes it): its parts are separate files.
-SPLIT_MANIFEST_SUFFIX = ".parts.json"
 # Baselines computed in bf16 on a GPU (fp16 overflows them), as the reference runs them.
 BF16_BASELINES = frozenset({"flux_1", "z_image_turbo", "qwen_image", "stable_cascade"})
 
 
 def _load_split(path: Path, dtype: torch.dtype):
     """(pipeline, baseline, whether parts of it stay in fp8) of a split model's manifest."""
-    from horde_worker.inference import zimage
+    from horde_worker.models.manifest import read_manifest
 
-    baseline, _ = zimage.read_manifest(path)
+    baseline, _ = read_manifest(path)
     load_dtype = torch.bfloat16 if dtype == torch.float16 else dtype
     if baseline == "z_image_turbo":
+        from horde_worker.inference import zimage
+
         return zimage.build_pipeline(path, load_dtype), baseline, False
     if baseline == "qwen_image":
         from horde_worker.inference import qwen_image

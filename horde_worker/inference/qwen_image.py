@@ -16,14 +16,19 @@ plain classifier-free guidance whenever cfg is above 1 (the empty negative promp
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from horde_worker.inference import scaled_fp8
-from horde_worker.inference.checkpoint import CheckpointError, _count_indices, _load_exact, skip_weight_init
+from horde_worker.inference.checkpoint import (
+    CheckpointError,
+    _count_indices,
+    _load_exact,
+    downloaded_tokenizer,
+    skip_weight_init,
+)
 from horde_worker.inference.qwen_files import TOKENIZER_DIR, TOKENIZER_FILES
 
 SHIFT = 3.1
@@ -175,16 +180,7 @@ def _mrope(head_dim: int) -> list[int]:
 
 def tokenizer(folder: Path):
     """The Qwen2.5-VL tokenizer from `folder` (downloaded beside the text encoder)."""
-    from transformers import PreTrainedTokenizerFast
-
-    missing = [name for name in TOKENIZER_FILES if not (Path(folder) / name).exists()]
-    if missing:
-        raise CheckpointError(f"Qwen-Image needs the Qwen2.5-VL tokenizer's {', '.join(missing)} in {folder}; the "
-                              "worker downloads them with the model")
-    config = json.loads((Path(folder) / "tokenizer_config.json").read_text())
-    return PreTrainedTokenizerFast(tokenizer_file=str(Path(folder) / "tokenizer.json"),
-                                   eos_token=config.get("eos_token") or "<|im_end|>",
-                                   pad_token=config.get("pad_token") or "<|endoftext|>", padding_side="right")
+    return downloaded_tokenizer(folder, TOKENIZER_FILES, "Qwen-Image (Qwen2.5-VL)")
 
 
 def build_pipeline(manifest: Path, dtype: torch.dtype):
@@ -192,12 +188,9 @@ def build_pipeline(manifest: Path, dtype: torch.dtype):
     from diffusers import FlowMatchEulerDiscreteScheduler, QwenImagePipeline
 
     from horde_worker.inference.checkpoint import load_state_dict
-    from horde_worker.inference.zimage import read_manifest
+    from horde_worker.models.manifest import read_manifest
 
-    _, parts = read_manifest(manifest)
-    for kind in ("unet", "vae", "text_encoders"):
-        if kind not in parts:
-            raise CheckpointError(f"{manifest}: no {kind} part")
+    _, parts = read_manifest(manifest, required=("unet", "vae", "text_encoders"))
     tensors = load_state_dict(parts["unet"][0])
     fp8 = stored_in_fp8(tensors)
     transformer = build_transformer(tensors, dtype)

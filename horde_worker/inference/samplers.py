@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from horde_worker.models.reference import BASELINE_NAMES
+
 ASSETS = Path(__file__).parent / "assets" / "schedulers"
 
 
@@ -64,14 +66,14 @@ BLEND_SEED_OFFSET = {"DDIM": 1}
 
 
 # Flow-matching baselines sampled with their own Euler (the horde's k_euler): baseline -> how it is named.
-FLOW_EULER_ONLY = {"flux_1": "Flux", "z_image_turbo": "Z-Image", "qwen_image": "Qwen-Image"}
+FLOW_EULER_ONLY = frozenset({"flux_1", "z_image_turbo", "qwen_image"})
 
 
 def sampler_refusal(sampler_name: str, baseline: str) -> str | None:
     """Why `sampler_name` cannot run on a model of `baseline`, or None. Flux samples with its own
     flow-matching Euler, which is the horde's k_euler and nothing else."""
     if baseline in FLOW_EULER_ONLY:
-        return None if sampler_name == "k_euler" else f"{FLOW_EULER_ONLY[baseline]} models run k_euler only, not " \
+        return None if sampler_name == "k_euler" else f"{BASELINE_NAMES[baseline]} models run k_euler only, not " \
                                                       f"{sampler_name!r}"
     if sampler_name not in SAMPLERS:
         return f"sampler {sampler_name!r} is not implemented by this worker"

@@ -8,8 +8,9 @@ likewise with the VQGAN under `vae.`; and the manifest naming the two files.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
+
+from horde_worker.models.manifest import SUFFIX, write_manifest_file
 
 PARTS = {"stable_cascade_stage_c": "stable_cascade_tiny_stage_c.safetensors",
          "stable_cascade_stage_b": "stable_cascade_tiny_stage_b.safetensors"}
@@ -113,7 +114,5 @@ def write_tiny_cascade(compvis: Path, name: str = "Stable Cascade", seed: int = 
                     for k, v in vqgan.state_dict().items()})
     ldm_export.save_tensors(compvis / PARTS["stable_cascade_stage_c"], stage_c)
     ldm_export.save_tensors(compvis / PARTS["stable_cascade_stage_b"], stage_b)
-    manifest = compvis / f"{name.replace(' ', '_')}.parts.json"
-    manifest.write_text(json.dumps({"name": name, "baseline": "stable_cascade",
-                                    "parts": {kind: [file] for kind, file in PARTS.items()}}, indent=1))
-    return manifest
+    return write_manifest_file(compvis / f"{name.replace(' ', '_')}{SUFFIX}", name, "stable_cascade",
+                               {kind: [file] for kind, file in PARTS.items()})

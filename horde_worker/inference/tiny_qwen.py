@@ -8,8 +8,9 @@ Qwen2.5-VL language model in ComfyUI's scaled fp8 (plus a few vision-tower tenso
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
+
+from horde_worker.models.manifest import SUFFIX, write_manifest_file
 
 PARTS = {"unet": "qwen_image_tiny_fp8_e4m3fn.safetensors", "vae": "../vae/qwen_image_vae_tiny.safetensors",
          "text_encoders": "../text_encoders/qwen_2.5_vl_tiny_fp8_scaled.safetensors"}
@@ -94,7 +95,5 @@ def write_tiny_qwen(compvis: Path, name: str = "Qwen-Image", seed: int = 0) -> P
     ldm_export.save_tensors(paths["vae"], {qwen_image.wan_vae_key(k): v.contiguous()
                                            for k, v in vae.state_dict().items()})
     ldm_export.save_tensors(paths["text_encoders"], text_encoder_file(text_encoder))
-    manifest = compvis / f"{name.replace(' ', '_')}.parts.json"
-    manifest.write_text(json.dumps({"name": name, "baseline": "qwen_image",
-                                    "parts": {kind: [relative] for kind, relative in PARTS.items()}}, indent=1))
-    return manifest
+    return write_manifest_file(compvis / f"{name.replace(' ', '_')}{SUFFIX}", name, "qwen_image",
+                               {kind: [relative] for kind, relative in PARTS.items()})

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from horde_worker.models.manifest import SUFFIX, write_manifest_file
+
 # A chat template of the released tokenizer's form for one user turn with the assistant's turn opened.
 CHAT_TEMPLATE = ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}"
                  "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
@@ -71,7 +73,5 @@ def write_tiny_zimage(compvis: Path, name: str = "Z-Image-Turbo", seed: int = 0)
                                            for k, v in ldm_export.vae_to_ldm(vae).items()})
     ldm_export.save_tensors(paths["text_encoders"], {zimage.TEXT_PREFIX + k: v.contiguous()
                                                      for k, v in text_encoder.state_dict().items()})
-    manifest = compvis / f"{name.replace(' ', '_')}.parts.json"
-    manifest.write_text(json.dumps({"name": name, "baseline": "z_image_turbo",
-                                    "parts": {kind: [relative] for kind, relative in PARTS.items()}}, indent=1))
-    return manifest
+    return write_manifest_file(compvis / f"{name.replace(' ', '_')}{SUFFIX}", name, "z_image_turbo",
+                               {kind: [relative] for kind, relative in PARTS.items()})

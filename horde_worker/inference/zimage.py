@@ -14,13 +14,18 @@ Karras' ramp for `karras: true`; the reference sets its scheduler from `karras` 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from horde_worker.inference.checkpoint import CheckpointError, _count_indices, _load_exact, skip_weight_init
+from horde_worker.inference.checkpoint import (
+    CheckpointError,
+    _count_indices,
+    _load_exact,
+    downloaded_tokenizer,
+    skip_weight_init,
+)
 from horde_worker.inference.zimage_files import TOKENIZER_DIR, TOKENIZER_FILES
 
 SHIFT = 3.0
@@ -28,17 +33,6 @@ TEXT_PREFIX = "model."
 _TO_COMFY = (("all_final_layer.2-1.", "final_layer."), ("all_x_embedder.2-1.", "x_embedder."),
              (".attention.to_out.0.", ".attention.out."), (".attention.norm_k.", ".attention.k_norm."),
              (".attention.norm_q.", ".attention.q_norm."))
-
-
-def read_manifest(path: Path) -> tuple[str, dict[str, list[Path]]]:
-    """(baseline, file type -> files) of a split model's manifest."""
-    data = json.loads(Path(path).read_text())
-    parts = {kind: [(Path(path).parent / f).resolve() for f in files] for kind, files in data["parts"].items()}
-    for files in parts.values():
-        for file in files:
-            if not file.exists():
-                raise CheckpointError(f"{data.get('name', path)}: part {file} is missing")
-    return str(data["baseline"]), parts
 
 
 def transformer_weights(comfy: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -120,19 +114,7 @@ def build_text_encoder(tensors: dict[str, torch.Tensor], dtype: torch.dtype):
 
 def tokenizer(folder: Path):
     """The Qwen3 tokenizer and its chat template from `folder` (downloaded beside the text encoder)."""
-    from transformers import PreTrainedTokenizerFast
-
-    missing = [name for name in TOKENIZER_FILES if not (Path(folder) / name).exists()]
-    if missing:
-        raise CheckpointError(f"Z-Image needs the Qwen3 tokenizer's {', '.join(missing)} in {folder}; the worker "
-                              "downloads them with the model")
-    config = json.loads((Path(folder) / "tokenizer_config.json").read_text())
-    template = config.get("chat_template")
-    if not template:
-        raise CheckpointError(f"{folder}/tokenizer_config.json has no chat_template")
-    return PreTrainedTokenizerFast(tokenizer_file=str(Path(folder) / "tokenizer.json"), chat_template=template,
-                                   eos_token=config.get("eos_token", "<|im_end|>"),
-                                   pad_token=config.get("pad_token") or "<|endoftext|>", padding_side="right")
+    return downloaded_tokenizer(folder, TOKENIZER_FILES, "Z-Image (Qwen3)", with_chat_template=True)
 
 
 def scheduler():
@@ -148,11 +130,9 @@ def build_pipeline(manifest: Path, dtype: torch.dtype):
 
     from horde_worker.inference import flux
     from horde_worker.inference.checkpoint import load_state_dict
+    from horde_worker.models.manifest import read_manifest
 
-    _, parts = read_manifest(manifest)
-    for kind in ("unet", "vae", "text_encoders"):
-        if kind not in parts:
-            raise CheckpointError(f"{manifest}: no {kind} part")
+    _, parts = read_manifest(manifest, required=("unet", "vae", "text_encoders"))
     transformer = build_transformer(load_state_dict(parts["unet"][0]), dtype)
     vae_tensors = load_state_dict(parts["vae"][0])
     vae = flux.build_vae({flux.VAE_PREFIX + k: v for k, v in vae_tensors.items()})

@@ -9,7 +9,6 @@ small manifest beside the checkpoints (`<name>.parts.json`) naming its parts, wh
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -22,6 +21,8 @@ from horde_worker.inference.zimage_files import TOKENIZER_DIR as ZIMAGE_TOKENIZE
 from horde_worker.inference.zimage_files import TOKENIZER_URLS as ZIMAGE_TOKENIZER_URLS
 from horde_worker.models.controlnets import ControlSetup
 from horde_worker.models.download import DownloadTask
+from horde_worker.models.manifest import SUFFIX as MANIFEST_SUFFIX
+from horde_worker.models.manifest import write_manifest_file
 from horde_worker.models.postprocessors import PostProcessSetup
 from horde_worker.models.reference import ModelEntry, ModelFile, ModelReference
 from horde_worker.models.resolve import resolve
@@ -30,7 +31,6 @@ from horde_worker.models.resolve import resolve
 LOADABLE_BASELINES = {"stable_diffusion_1", "stable_diffusion_2", "stable_diffusion_xl", "flux_1", "z_image_turbo",
                       "qwen_image", "stable_cascade"}
 REFUSED_BASELINES: dict[str, str] = {}
-MANIFEST_SUFFIX = ".parts.json"
 # The tokenizer each split baseline fetches beside its text encoder: (folder, file name -> URL).
 SPLIT_TOKENIZERS = {"z_image_turbo": (ZIMAGE_TOKENIZER_DIR, ZIMAGE_TOKENIZER_URLS),
                     "qwen_image": (qwen_files.TOKENIZER_DIR, qwen_files.TOKENIZER_URLS)}
@@ -120,13 +120,7 @@ def write_manifest(entry: ModelEntry, cache_home: Path) -> Path:
     for file in entry.files:
         relative = os.path.relpath(file_path(file, cache_home), path.parent)
         parts.setdefault(file.file_type or "checkpoint", []).append(relative)
-    text = json.dumps({"name": entry.name, "baseline": entry.baseline, "parts": parts}, indent=1)
-    if not path.exists() or path.read_text() != text:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(text)
-        tmp.replace(path)
-    return path
+    return write_manifest_file(path, entry.name, entry.baseline, parts)
 
 
 def plan_catalog(models_to_load: list[str], models_to_skip: list[str], cache_home: Path, reference: ModelReference,

@@ -42,6 +42,10 @@ BASELINES = {
 }
 # Baselines served only with load_large_models: the weights alone exceed 8 GB.
 LARGE_BASELINES = frozenset({"stable_cascade", "flux_1", "qwen_image", "z_image_turbo"})
+# How the worker's messages name the newer baselines, and those served without LoRAs and textual inversions.
+BASELINE_NAMES = {"flux_1": "Flux", "z_image_turbo": "Z-Image", "qwen_image": "Qwen-Image",
+                  "stable_cascade": "Stable Cascade"}
+WITHOUT_ADAPTERS = frozenset({"z_image_turbo", "qwen_image", "stable_cascade"})
 # What the horde multiplies a job's kudos by, per baseline (others: 1); Cascade's two-pass hires fix pays 7.
 KUDOS_MULTIPLIERS = {"stable_diffusion_xl": 2, "stable_cascade": 4, "flux_1": 8, "z_image_turbo": 8, "qwen_image": 12}
 CASCADE_HIRES_MULTIPLIER = 7

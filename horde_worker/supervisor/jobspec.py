@@ -11,11 +11,10 @@ from horde_worker.horde.wire import GenMetadata, GenMetadataType, GenMetadataVal
 from horde_worker.inference.messages import GenerateRequest
 from horde_worker.inference.samplers import sampler_refusal
 from horde_worker.models.catalog import ModelCatalog
+from horde_worker.models.reference import BASELINE_NAMES, WITHOUT_ADAPTERS
 from horde_worker.supervisor.job import Job
 
 SEED_RANGE = 2**32
-# Baselines served from split files without adapters: LoRAs and textual inversions are refused for them.
-SPLIT_BASELINE_NAMES = {"z_image_turbo": "Z-Image", "qwen_image": "Qwen-Image", "stable_cascade": "Stable Cascade"}
 
 
 def base_seed(payload: JobPayload) -> int:
@@ -53,8 +52,8 @@ def unsupported_reason(job: Job, catalog: ModelCatalog) -> str | None:
     excluded = [feature for feature in model.features_not_supported if used.get(feature)]
     if excluded:
         return f"{', '.join(excluded)} is not supported by {model.name} (the model reference says so)"
-    if baseline in SPLIT_BASELINE_NAMES and (payload.loras or payload.tis):
-        return f"LoRAs and textual inversions are not available for {SPLIT_BASELINE_NAMES[baseline]} models"
+    if baseline in WITHOUT_ADAPTERS and (payload.loras or payload.tis):
+        return f"LoRAs and textual inversions are not available for {BASELINE_NAMES[baseline]} models"
     processing = job.pop.source_processing or "img2img"
     if baseline == "stable_cascade" and job.pop.source_image and processing != "remix":
         return f"{processing} is not available for Stable Cascade models (remix is)"

@@ -411,9 +411,7 @@ class Supervisor:
     def forget(self, job: Job, keep_journal: bool = False) -> None:
         """Drop a job that has ended (its journal entry too, unless it must be submitted at the next start)."""
         if job.id in self.jobs:
-            outcome = ("abandoned" if job.state is JobState.ABANDONED else "faulted" if job.fault_reason
-                       else "done" if job.state is JobState.SUBMITTED else "dropped")
-            self.stats.finished(job, outcome)
+            self.stats.finished(job)
         if not keep_journal:
             with contextlib.suppress(OSError):
                 self.journal.forget(job)

@@ -74,8 +74,10 @@ class SessionStats:
             if seconds <= bound:
                 self.step_buckets[index] += 1
 
-    def finished(self, job: Job, outcome: str) -> None:
-        """A job leaves the worker: `outcome` is done, faulted or abandoned."""
+    def finished(self, job: Job) -> None:
+        """A job leaves the worker: recorded as done (or censored), faulted, abandoned or dropped."""
+        outcome = ("abandoned" if job.state is JobState.ABANDONED else "faulted" if job.fault_reason
+                   else "done" if job.state is JobState.SUBMITTED else "dropped")
         censored = sum(1 for state in job.image_states if state.value in ("censored", "csam"))
         self.recent.appendleft({
             "id": job.id, "model": job.model, "outcome": "censored" if outcome == "done" and censored else outcome,
